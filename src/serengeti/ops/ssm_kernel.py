@@ -1,0 +1,166 @@
+"""Diagonal state-space kernels (S4D) and the shift SSM, with float64 references.
+
+A diagonal SSM with complex modes ``n`` per channel ``h``, discretized with step ``dt``::
+
+    x_t = dA * x_{t-1} + dB * u_t          x: (..., H, N2) complex
+    y_t = 2 Re sum_n C_n x_t[n]            (the conjugate modes are implied by the factor 2)
+
+is, unrolled, the causal convolution ``y = K * u`` with the Vandermonde kernel
+
+    K[h, l] = 2 Re sum_n C'[h, n] dA[h, n]^l,        C' = C * dB.
+
+:func:`vandermonde_kernel` evaluates it without the (H, N2, L) tensor of powers that a naive
+``exp(l log dA)`` needs. Write ``l = c j + r`` (chunk size ``c``, ``r < c``)::
+
+    K[h, c j + r] = 2 Re sum_n (C'[h, n] dA[h, n]^(c j)) * dA[h, n]^r
+                  = sum_n W[h, j, n] V[h, n, r]          (a real matmul over 2*N2)
+
+so the work is two small power tables, (H, N2, c) and (H, L/c, N2), and one batched matmul.
+The tables are built in complex128 and only then rounded: powers of a rounded ``dA`` lose
+``l * eps`` relative accuracy, which in complex64 would be 1e-4 at ``l`` of a few thousand;
+from float64 tables the float32 kernel is accurate to a few float32 ulps at every length.
+The same tables give the state after a sequence, ``sum_s dA^(L-1-s) dB u_s``
+(:func:`vandermonde_state`), so prefill never runs the recurrence step by step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def bilinear(dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear (Tustin) discretization of ``x' = A x + B u`` with step ``dt``.
+
+    Args:
+        dt: (H,) positive steps.
+        A: (H, N2) complex continuous-time eigenvalues.
+        B: (H, N2) complex input vector.
+
+    Returns:
+        ``dA = (1 + dt A / 2) / (1 - dt A / 2)`` and ``dB = dt B / (1 - dt A / 2)``, both (H, N2),
+        in the complex dtype of ``A`` (promoted with ``dt``).
+    """
+    dtA = dt.unsqueeze(-1) * A
+    denom = 1 - dtA / 2
+    return (1 + dtA / 2) / denom, dt.unsqueeze(-1) * B / denom
+
+
+def _powers(log_dA: torch.Tensor, n: int, stride: int = 1) -> torch.Tensor:
+    """``dA^(stride * i)`` for ``i < n`` as (H, N2, n), from ``log_dA`` (H, N2) complex.
+
+    Built by doubling: the table for ``[0, 2m)`` is the one for ``[0, m)`` times
+    ``dA^(stride * m)``, so only log2(n) exponentials of (H, N2) are evaluated.
+    """
+    p = torch.ones(*log_dA.shape, 1, dtype=log_dA.dtype, device=log_dA.device)
+    while p.shape[-1] < n:
+        m = p.shape[-1]
+        p = torch.cat([p, p * torch.exp(log_dA * (stride * m)).unsqueeze(-1)], dim=-1)
+    return p[..., :n]
+
+
+def _chunk_size(L: int) -> int:
+    """Power of two near sqrt(L): balances the two power tables (c and L/c columns)."""
+    return 1 << max(0, math.ceil(math.log2(max(L, 1)) / 2))
+
+
+def _real_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for double-precision ``t``, else float32."""
+    return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def vandermonde_kernel(coef: torch.Tensor, log_dA: torch.Tensor, L: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``K[..., h, l] = 2 Re sum_n coef[..., h, n] * exp(l * log_dA[h, n])`` for ``l < L``.
+
+    Args:
+        coef: (..., H, N2) complex, e.g. ``C * dB`` (the SSM kernel) or a per-batch
+            ``C * dA * x0`` (the response to an initial state ``x0``).
+        log_dA: (H, N2) complex, ``log(dA)``.
+        L: kernel length (>= 1).
+        dtype: real dtype of the result and of the matmul (default: float64 for complex128
+            ``coef``, else float32). Pass complex128 inputs with ``dtype=torch.float32`` to keep
+            the discretization exact and the bulk of the work in float32.
+
+    Returns:
+        (..., H, L) in ``dtype``. The power tables are always built in complex128 (see the
+        module docstring); autocast is disabled.
+    """
+    out_dtype = dtype or _real_dtype(coef)
+    c = _chunk_size(L)
+    m = -(-L // c)
+    with torch.autocast(device_type=coef.device.type, enabled=False):
+        log_dA = log_dA.to(torch.complex128)
+        V = _powers(log_dA, c)  # (H, N2, c): dA^r
+        P = _powers(log_dA, m, stride=c)  # (H, N2, m): dA^(c j)
+        W = coef.to(torch.complex128).unsqueeze(-1) * P  # (..., H, N2, m)
+        # 2 Re(W V) = [2 Re W, -2 Im W] @ [Re V; Im V]
+        W = torch.cat([W.real, -W.imag], dim=-2).transpose(-1, -2).mul(2).to(out_dtype)  # (..., H, m, 2 N2)
+        V = torch.cat([V.real, V.imag], dim=-2).to(out_dtype)  # (H, 2 N2, c)
+        K = torch.matmul(W, V)  # (..., H, m, c)
+    return K.flatten(-2)[..., :L]
+
+
+def vandermonde_state(u: torch.Tensor, log_dA: torch.Tensor, dB: torch.Tensor) -> torch.Tensor:
+    """The diagonal SSM state after a sequence from a zero state: ``sum_s dA^(L-1-s) dB u_s``.
+
+    Args:
+        u: (..., H, L) real input.
+        log_dA: (H, N2) complex, ``log(dA)``.
+        dB: (H, N2) complex discretized input vector.
+
+    Returns:
+        (..., H, N2) complex128 (to be rounded by the caller to its state dtype). The matmul runs
+        in ``u``'s precision (float32 unless ``u`` is float64), with the same chunked power
+        tables as :func:`vandermonde_kernel`, never (H, N2, L) at once.
+    """
+    real = _real_dtype(u)
+    L = u.shape[-1]
+    c = _chunk_size(L)
+    m = -(-L // c)
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        log_dA = log_dA.to(torch.complex128)
+        V = _powers(log_dA, c)  # (H, N2, c)
+        P = _powers(log_dA, m, stride=c)  # (H, N2, m)
+        # reversed time s' = L-1-s = c j + r, zero-padded to m*c steps
+        ur = torch.nn.functional.pad(u.flip(-1).to(real), (0, m * c - L))
+        ur = ur.unflatten(-1, (m, c))  # (..., H, m, c)
+        Vr = torch.cat([V.real, V.imag], dim=-2).to(real).transpose(-1, -2)  # (H, c, 2 N2)
+        S = torch.matmul(ur, Vr)  # (..., H, m, 2 N2): sum_r dA^r u_rev[c j + r]
+        N2 = log_dA.shape[-1]
+        S = torch.complex(S[..., :N2], S[..., N2:]).to(torch.complex128)
+        x = (S * P.transpose(-1, -2)).sum(-2)  # (..., H, N2)
+    return x * dB.to(torch.complex128)
+
+
+def vandermonde_kernel_ref(coef: torch.Tensor, dA: torch.Tensor, L: int) -> torch.Tensor:
+    """Reference for :func:`vandermonde_kernel` in complex128, the naive way.
+
+    Args:
+        coef: (..., H, N2) complex. dA: (H, N2) complex (not its log). L: length.
+
+    Returns:
+        (..., H, L) float64, ``2 Re sum_n coef * dA^l`` with the full (H, N2, L) power tensor.
+    """
+    coef, dA = coef.to(torch.complex128), dA.to(torch.complex128)
+    l = torch.arange(L, dtype=torch.float64, device=dA.device)
+    powers = torch.exp(torch.log(dA).unsqueeze(-1) * l)  # (H, N2, L)
+    return 2 * torch.einsum("...hn,hnl->...hl", coef, powers).real
+
+
+def shift_kernel(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Taps of the shift SSM (state shifted by one each step, input enters through ``B``).
+
+    With state ``s_t = shift(s_{t-1}) + B u_t`` and output ``sum_n C_n s_t[n]``, the impulse
+    response is the correlation ``k[h, j] = sum_n B[h, n] C[h, n + j]`` (``C`` zero past N):
+    a causal FIR of length N. With ``B = e_1`` the taps are ``C`` itself.
+
+    Args:
+        B, C: (H, N) real.
+
+    Returns:
+        (H, N) taps, ``k[:, j]`` multiplies ``u_{t-j}``.
+    """
+    N = C.shape[-1]
+    Cpad = torch.nn.functional.pad(C, (0, N))  # (H, 2N)
+    windows = Cpad.unfold(-1, N, 1)[..., :N, :]  # (H, j, n) = C[h, n + j]
+    return torch.einsum("hn,hjn->hj", B, windows)
