@@ -1,3 +1,4 @@
 """Sequence mixers. Configs point at these re-exports (``serengeti.mixers.<Name>``)."""
 from serengeti.mixers.base import Mixer, StateError
 from serengeti.mixers.attention import Attention
+from serengeti.mixers.h3 import H3, H3State
