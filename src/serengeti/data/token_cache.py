@@ -1,0 +1,278 @@
+"""Token cache: each (dataset, split, tokenizer, settings) tokenized once into a memory-mapped file.
+
+Layout under ``cache_dir/<dataset>/``::
+
+    <split>-<key>.bin    token ids, raw little-endian uint16 (vocab <= 65536) or uint32
+    <split>-<key>.json   metadata; its presence marks the .bin as complete
+
+``key`` hashes the ``spec`` dict (source identity, tokenizer fingerprint, add_eos, ...), so a
+change of any of them builds a new file instead of reusing a stale one.
+
+Atomicity: ids are streamed to ``<bin>.tmp-<host>-<pid>``, fsynced and renamed into place;
+the metadata is written the same way *after* the rename. A builder killed at any point leaves
+either no .bin, or a .bin without its .json: both mean "not built", and the next run rebuilds
+(stale temporaries of dead processes are removed). Readers also check that the file size matches
+the metadata.
+
+DDP: when ``torch.distributed`` is initialized only global rank 0 builds; the other ranks poll
+for the metadata file (the cache directory must be shared by all ranks) and raise rank 0's
+error if its build fails. Independent processes that are not in one process group serialize
+their builds with an advisory file lock.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def spec_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **spec}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class CachePaths:
+    bin: Path
+    meta: Path
+
+    @property
+    def error(self) -> Path:
+        return self.meta.with_suffix(".error")
+
+    @property
+    def lock(self) -> Path:
+        return self.meta.with_suffix(".lock")
+
+
+def cache_paths(cache_dir: str | os.PathLike, dataset: str, split: str, spec: dict) -> CachePaths:
+    root = Path(cache_dir).expanduser() / dataset
+    stem = f"{split}-{spec_key(spec)}"
+    return CachePaths(root / f"{stem}.bin", root / f"{stem}.json")
+
+
+@dataclass
+class TokenArray:
+    """A memory-mapped token stream and its metadata. ``tokens: (N,)`` uint16/uint32."""
+
+    tokens: np.ndarray
+    meta: dict
+    path: Path
+    built: bool  # True if this process tokenized it (False: reused from the cache)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def read_cache(paths: CachePaths) -> TokenArray | None:
+    """Open a complete cache entry, or return None if it is missing or incomplete."""
+    if not paths.meta.is_file() or not paths.bin.is_file():
+        return None
+    try:
+        meta = json.loads(paths.meta.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    dtype = np.dtype(meta["dtype"])
+    if paths.bin.stat().st_size != meta["num_tokens"] * dtype.itemsize:
+        log.warning("token cache %s does not match its metadata (size); rebuilding", paths.bin)
+        return None
+    if meta["num_tokens"] == 0:
+        tokens = np.zeros(0, dtype=dtype)
+    else:
+        tokens = np.memmap(paths.bin, dtype=dtype, mode="r", shape=(meta["num_tokens"],))
+    return TokenArray(tokens, meta, paths.bin, built=False)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(paths: CachePaths) -> None:
+    host = socket.gethostname()
+    for tmp in paths.bin.parent.glob(paths.bin.name.rsplit(".", 1)[0] + ".*.tmp-*"):
+        tag = tmp.name.rsplit(".tmp-", 1)[-1]
+        tmp_host, _, pid = tag.rpartition("-")
+        if tmp_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_tokens(docs: Iterable[str], tokenizer, paths: CachePaths, *, add_eos: bool, spec: dict,
+                 batch_docs: int = 1024, max_tokens: int | None = None,
+                 progress_every_bytes: int = 64 << 20) -> dict:
+    """Tokenize ``docs`` into ``paths.bin`` (atomically) and write ``paths.meta``; return the metadata.
+
+    Documents are encoded ``batch_docs`` at a time; with ``add_eos`` the EOS id follows every
+    non-empty document. ``max_tokens`` truncates the stream (the limit is part of ``spec``).
+    """
+    if add_eos and tokenizer.eos_id is None:
+        raise ValueError(f"dataset.add_eos=true but the tokenizer {tokenizer!r} has no end-of-text token")
+    dtype = token_dtype(tokenizer.vocab_size)
+    paths.bin.parent.mkdir(parents=True, exist_ok=True)
+    tmp = paths.bin.with_name(f"{paths.bin.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    n_tokens = n_docs = n_bytes = 0
+    start = time.perf_counter()
+    next_report = progress_every_bytes
+    try:
+        with open(tmp, "wb") as f:
+            for batch in _batched(docs, batch_docs):
+                ids = tokenizer.encode_batch(batch)
+                pieces = []
+                for text, doc_ids in zip(batch, ids):
+                    if not text:
+                        continue
+                    pieces.append(doc_ids)
+                    if add_eos:
+                        pieces.append([tokenizer.eos_id])
+                n_docs += sum(1 for t in batch if t)
+                n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+                arr = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(map(len, pieces)))
+                if max_tokens is not None and n_tokens + len(arr) > max_tokens:
+                    arr = arr[: max_tokens - n_tokens]
+                if len(arr) and int(arr.max()) >= tokenizer.vocab_size:
+                    raise ValueError(f"tokenizer {tokenizer!r} produced id {int(arr.max())} >= its vocab_size")
+                f.write(arr.astype(dtype).tobytes())
+                n_tokens += len(arr)
+                if n_bytes >= next_report:
+                    now = time.perf_counter()
+                    log.info("tokenized %.1f MB, %d tokens (%.2f MB/s)", n_bytes / 1e6, n_tokens, n_bytes / 1e6 / (now - start))
+                    next_report += progress_every_bytes
+                if max_tokens is not None and n_tokens >= max_tokens:
+                    break
+            f.flush()
+            os.fsync(f.fileno())
+        seconds = time.perf_counter() - start
+        meta = {
+            "format": FORMAT_VERSION, "num_tokens": n_tokens, "dtype": dtype.str, "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id, "add_eos": add_eos, "num_documents": n_docs, "num_bytes": n_bytes,
+            "build_seconds": round(seconds, 3), "mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 3),
+            "tokenizer": getattr(tokenizer, "name", repr(tokenizer)), "spec": spec,
+            "built_by": f"{socket.gethostname()}:{os.getpid()}",
+        }
+        os.replace(tmp, paths.bin)
+        _atomic_write_text(paths.meta, json.dumps(meta, indent=1, default=str))
+    finally:
+        tmp.unlink(missing_ok=True)
+    return meta
+
+
+def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _dist_info() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_run_id() -> str:
+    import torch.distributed as dist
+
+    box = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def build_locked(paths: CachePaths, build: Callable[[], dict]) -> TokenArray:
+    with _file_lock(paths.lock):
+        cached = read_cache(paths)  # another process may have finished while we waited
+        if cached is not None:
+            return cached
+        _remove_stale_temporaries(paths)
+        paths.meta.unlink(missing_ok=True)
+        build()
+    out = read_cache(paths)
+    if out is None:
+        raise RuntimeError(f"token cache {paths.bin} was written but cannot be read back")
+    out.built = True
+    return out
+
+
+def ensure_tokens(paths: CachePaths, build: Callable[[], dict], *, wait_timeout_s: float = 6 * 3600,
+                  poll_s: float = 0.5) -> TokenArray:
+    """Return the cached token array, building it with ``build()`` if needed (DDP-safe; see module doc)."""
+    rank, world = _dist_info()
+    if world == 1:
+        return read_cache(paths) or build_locked(paths, build)
+    run_id = _broadcast_run_id()
+    if rank == 0:
+        paths.error.unlink(missing_ok=True)
+        try:
+            return read_cache(paths) or build_locked(paths, build)
+        except BaseException as err:
+            paths.bin.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(paths.error, json.dumps({"run_id": run_id, "error": f"{type(err).__name__}: {err}"}))
+            raise
+    deadline = time.monotonic() + wait_timeout_s
+    while True:
+        cached = read_cache(paths)
+        if cached is not None:
+            return cached
+        if paths.error.is_file():
+            try:
+                failure = json.loads(paths.error.read_text())
+            except (json.JSONDecodeError, OSError):
+                failure = {}
+            if failure.get("run_id") == run_id:
+                raise RuntimeError(f"rank 0 failed to build the token cache {paths.bin}: {failure['error']}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank} waited {wait_timeout_s:.0f} s for rank 0 to build {paths.meta}; "
+                               "dataset.cache_dir must be a directory shared by all ranks")
+        time.sleep(poll_s)

@@ -1,0 +1,168 @@
+"""Tokenizers for language-modeling data: GPT-2 byte-level BPE and character level.
+
+Both expose the same small surface, which is all the data pipeline needs:
+
+* ``vocab_size``: number of ids (before any padding of the model's embedding);
+* ``eos_id``: the id appended after each document when ``add_eos`` is set (``None`` if the
+  tokenizer has no end-of-text symbol);
+* ``fingerprint``: a hash of everything that changes the ids (part of the token-cache key);
+* ``encode_batch(texts) -> list[list[int]]`` and ``decode(ids) -> str``.
+
+The BPE tokenizer runs the Rust ``tokenizers`` backend, whose ``encode_batch`` spreads a batch
+over threads (``RAYON_NUM_THREADS`` caps them), so no Python worker processes are needed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+DEFAULT_EOS_TOKEN = "<|endoftext|>"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class BPETokenizer:
+    """A Hugging Face ``tokenizers.Tokenizer`` (GPT-2 BPE by default) behind the pipeline's interface.
+
+    Args:
+        backend: a ``tokenizers.Tokenizer``.
+        name: how the tokenizer was specified (for messages and the cache metadata).
+        eos_token: the end-of-text token; must be in the vocabulary.
+    """
+
+    def __init__(self, backend, name: str, eos_token: str = DEFAULT_EOS_TOKEN) -> None:
+        self.backend = backend
+        self.name = name
+        self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
+        self.eos_id = backend.token_to_id(eos_token)
+        if self.eos_id is None:
+            raise ValueError(f"dataset.tokenizer={name!r} has no end-of-text token {eos_token!r} (dataset.eos_token)")
+        self.fingerprint = _sha(backend.to_str())
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (no special tokens added; EOS is added by the caller)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Exact inverse of ``encode_batch`` on a whole text (special tokens are kept as text)."""
+        return self.backend.decode(list(map(int, ids)), skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+class CharTokenizer:
+    """Character-level tokenizer: id = position of the character in ``chars`` (sorted, unique).
+
+    Args:
+        chars: the alphabet, e.g. ``"".join(sorted(set(text)))``.
+        eos: reserve id ``len(chars)`` as an end-of-text symbol (``add_eos`` needs one).
+    """
+
+    name = "char"
+
+    def __init__(self, chars: str, eos: bool = False) -> None:
+        if not chars:
+            raise ValueError("character tokenizer needs a non-empty alphabet (is the text empty?)")
+        if len(set(chars)) != len(chars):
+            raise ValueError("character tokenizer alphabet has repeated characters")
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.eos_id = len(chars) if eos else None
+        self.vocab_size = len(chars) + int(eos)
+        self.fingerprint = _sha(json.dumps({"chars": chars, "eos": eos}))
+
+    @classmethod
+    def from_text(cls, text: str, eos: bool = False) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))), eos=eos)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        out = []
+        for text in texts:
+            try:
+                out.append([self.stoi[c] for c in text])
+            except KeyError as err:
+                raise ValueError(f"character {err.args[0]!r} is not in the character vocabulary "
+                                 f"({len(self.chars)} symbols built from the data)") from None
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join("" if int(i) == self.eos_id else self.chars[int(i)] for i in ids)
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+def _from_vocab_merges(vocab: str | os.PathLike, merges: str | os.PathLike, eos_token: str, name: str) -> BPETokenizer:
+    from tokenizers import ByteLevelBPETokenizer
+
+    for path, key in ((vocab, "vocab"), (merges, "merges")):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"dataset.tokenizer.{key}: file not found: {path}")
+    bpe = ByteLevelBPETokenizer(str(vocab), str(merges))
+    bpe.add_special_tokens([eos_token])  # so "<|endoftext|>" in text is one id, as in GPT-2
+    return BPETokenizer(bpe._tokenizer, name, eos_token)
+
+
+def load_tokenizer(spec: str | Mapping | os.PathLike, *, eos_token: str = DEFAULT_EOS_TOKEN) -> BPETokenizer:
+    """Load a BPE tokenizer from a config value (``dataset.tokenizer``).
+
+    ``spec`` may be:
+
+    * a Hugging Face model name, e.g. ``"gpt2"`` (``AutoTokenizer``; needs the hub or its cache);
+    * a local directory loadable by ``AutoTokenizer.from_pretrained`` (has ``tokenizer.json`` or
+      ``tokenizer_config.json``), or holding only ``vocab.json`` + ``merges.txt``;
+    * a ``tokenizer.json`` file;
+    * a mapping ``{vocab: path/to/vocab.json, merges: path/to/merges.txt}``.
+
+    Character-level tokenizers depend on the data and are built by the datamodule (``"char"``).
+    """
+    if isinstance(spec, Mapping):
+        missing = {"vocab", "merges"} - set(spec)
+        if missing:
+            raise ValueError(f"dataset.tokenizer as a mapping needs keys 'vocab' and 'merges'; missing {sorted(missing)}")
+        return _from_vocab_merges(spec["vocab"], spec["merges"], eos_token, name=f"{spec['vocab']}+{spec['merges']}")
+    spec = str(spec)
+    if spec == "char":
+        raise ValueError("dataset.tokenizer='char' is built from the data by the datamodule, not by load_tokenizer")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix != ".json":
+            raise ValueError(f"dataset.tokenizer={spec!r}: a file must be a tokenizers 'tokenizer.json'")
+        from tokenizers import Tokenizer
+
+        return BPETokenizer(Tokenizer.from_file(str(path)), spec, eos_token)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            return _from_auto(str(path), eos_token)
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return _from_vocab_merges(path / "vocab.json", path / "merges.txt", eos_token, name=spec)
+        raise FileNotFoundError(f"dataset.tokenizer={spec!r} is a directory without tokenizer.json, "
+                                "tokenizer_config.json or a vocab.json + merges.txt pair")
+    if spec.startswith((".", "/", "~")) or os.sep in spec and not _looks_like_hub_id(spec):
+        raise FileNotFoundError(f"dataset.tokenizer={spec!r}: no such file or directory")
+    return _from_auto(spec, eos_token)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def _from_auto(name: str, eos_token: str) -> BPETokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise OSError(f"dataset.tokenizer={name!r} could not be loaded with AutoTokenizer ({err}). Offline, point "
+                      "dataset.tokenizer at a local directory with tokenizer.json or vocab.json + merges.txt") from err
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"dataset.tokenizer={name!r} has no fast (Rust) backend; the pipeline needs one")
+    return BPETokenizer(backend, name, eos_token)
