@@ -3,3 +3,5 @@ from serengeti.mixers.base import Mixer, StateError
 from serengeti.mixers.attention import Attention
 from serengeti.mixers.h3 import H3, H3State
 from serengeti.mixers.s5 import S5, S5State
+from serengeti.mixers.hyena import Hyena, HyenaState
+from serengeti.mixers.long_conv import LongConv, LongConvState
