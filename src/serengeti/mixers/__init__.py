@@ -5,3 +5,4 @@ from serengeti.mixers.h3 import H3, H3State
 from serengeti.mixers.s5 import S5, S5State
 from serengeti.mixers.hyena import Hyena, HyenaState
 from serengeti.mixers.long_conv import LongConv, LongConvState
+from serengeti.mixers.hyena_s5 import HyenaS5, HyenaS5State

@@ -183,15 +183,17 @@ class S5(Mixer):
         self.log_step = param(log_dt)  # (P_, 1)
         if dt_no_decay:
             set_optim(self.log_step, lr=ssm_lr, weight_decay=0.0)
-        if activation in ("half_glu1", "half_glu2", "full_glu"):
-            self.out2 = nn.Linear(H, H, **fk)
-        if activation == "full_glu":
-            self.out1 = nn.Linear(H, H, **fk)
+        # GLU projections keep the reference's flax-Dense init (lecun normal, zero bias), so the
+        # backbone's GPT-2 re-init skips them (``_no_reinit``).
+        for name in {"half_glu1": ["out2"], "half_glu2": ["out2"], "full_glu": ["out1", "out2"]}.get(activation, []):
+            lin = nn.Linear(H, H, **fk)
+            with torch.no_grad():
+                lin.weight.copy_(_lecun_normal((H, H), fan_in=H))
+                lin.bias.zero_()
+            lin._no_reinit = True
+            setattr(self, name, lin)
 
     # --- shared pieces ---------------------------------------------------------------------
-    def _complex_dtype(self) -> torch.dtype:
-        return torch.complex128 if self.B.dtype == torch.float64 else torch.complex64
-
     def discretize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Λ̄ (P_,), B̄ (P_, H))`` complex, from the current parameters (recomputed every call)."""
         real = torch.float64 if self.B.dtype == torch.float64 else torch.float32
@@ -262,13 +264,15 @@ class S5(Mixer):
 
     # --- recurrent mode ----------------------------------------------------------------------
     def allocate_state(self, batch_size: int, *, max_len: int | None = None, device=None, dtype=None) -> S5State:
-        """A zero :class:`S5State` (B, P_) complex; ``max_len`` is accepted for the interface (O(1) state).
+        """A zero :class:`S5State` (B, P_); ``max_len`` is accepted for the interface (O(1) state).
 
-        ``dtype`` is the complex dtype (default complex64, complex128 for a float64 module).
+        The state is complex64, or complex128 when the module or ``dtype`` (the model's real
+        dtype) is float64; a bf16/fp16 ``dtype`` does not lower it.
         """
         if self.bidirectional:
             raise StateError("S5 with model.mixer.bidirectional=true has no recurrent mode (it reads the future)")
-        return S5State(x=torch.zeros(batch_size, self.P, device=device or self.B.device, dtype=dtype or self._complex_dtype()))
+        cdtype = torch.complex128 if torch.float64 in (dtype, self.B.dtype) else torch.complex64
+        return S5State(x=torch.zeros(batch_size, self.P, device=device or self.B.device, dtype=cdtype))
 
     def step(self, x_t: torch.Tensor, state: S5State) -> tuple[torch.Tensor, S5State]:
         """One step: ``x_t (B, H) -> y_t (B, H)``; ``state.x`` (B, P_) is advanced in place and returned."""
