@@ -203,11 +203,11 @@ class LMDataModule(pl.LightningDataModule):
         windows = EvalWindows(self.role_tokens(role), self.seq_len, self.eval_stride, pad_id=pad)
         return self._loader(windows, EvalSampler(windows), self.batch_size_eval, drop_last=False)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val") if self.roles["val"] is not None else []
 
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test") if self.roles["test"] is not None else []
 
 
 # -- concrete datasets -----------------------------------------------------------------------
@@ -273,6 +273,8 @@ class TextFiles(LMDataModule):
 
     def __init__(self, train=None, validation=None, test=None, *, unit: str = "file", text_field: str = "text",
                  val_ratio: float | None = None, val_seed: int = 2357, name: str = "text_files", **kwargs) -> None:
+        if not train and kwargs.get("train_split", "train") is not None:
+            raise ValueError("dataset.train: give the training text (a path, a glob or a list of them)")
         splits = {"train": train, "validation": validation, "test": test}
         source = LocalFiles(name, splits, unit=unit, text_field=text_field, val_ratio=val_ratio, val_seed=val_seed)
         kwargs.setdefault("val_split", "validation" if validation or val_ratio is not None else None)

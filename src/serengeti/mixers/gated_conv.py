@@ -72,9 +72,11 @@ class GatedConvMixer(Mixer):
             contiguous time.
         """
         # W @ x^T writes (B, C, L) directly: no transpose copy of the (N+1)-times-wider tensor.
-        z = torch.matmul(self.in_proj.weight, x.mT)
-        if self.in_proj.bias is not None:
-            z = z + self.in_proj.bias.unsqueeze(-1)
+        W, b = self.in_proj.weight, self.in_proj.bias
+        if b is None:
+            z = torch.matmul(W, x.mT)
+        else:
+            z = torch.baddbmm(b.unsqueeze(-1), W.expand(x.shape[0], -1, -1), x.mT)
         zc = self.short_filter(z)
         return z, list(zc.split(self.d_model, dim=1))
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from serengeti.mixers.base import Mixer
 from serengeti.ops.fftconv import fftconv
-from serengeti.ops.ssm_kernel import bilinear, shift_kernel, vandermonde_kernel, vandermonde_state
+from serengeti.ops.ssm_kernel import bilinear, fir_conv, shift_kernel, vandermonde_kernel, vandermonde_state
 from serengeti.optim_tags import set_optim
 
 
@@ -158,11 +158,7 @@ class H3(Mixer):
         Bsz, L, _ = x.shape
         q, k, v = (rearrange(p(x), "b l d -> b d l") for p in (self.q_proj, self.k_proj, self.v_proj))
         taps = shift_kernel(self.ssm_k_B, self.ssm_k_C)  # (D, N)
-        if state is None:
-            k_s = fftconv(k, taps, self.ssm_k_D)
-        else:
-            hist = torch.cat([state.k_hist.to(k.dtype), k], dim=-1)  # (B, D, N + L)
-            k_s = fftconv(hist, taps)[..., self.d_state:] + self.ssm_k_D.unsqueeze(-1) * k
+        k_s = fir_conv(k, taps, self.ssm_k_D, history=None if state is None else state.k_hist)
         kv = self._outer(k_s, v)  # (B, hd, hd, H, L)
 
         dA, log_dA, dB, C = self._discretize()
@@ -175,7 +171,8 @@ class H3(Mixer):
             y = y + vandermonde_kernel(C * dA * x0, log_dA, L, dtype=real).to(y.dtype)
             x_end = torch.exp(log_dA * L) * x0 + vandermonde_state(kv.to(real), log_dA, dB)
             state.x = x_end.to(state.x.dtype)
-            state.k_hist = hist[..., -self.d_state :].to(state.k_hist.dtype)
+            hist = torch.cat([state.k_hist, k.to(state.k_hist.dtype)], dim=-1)  # (B, D, N + L)
+            state.k_hist = hist[..., -self.d_state :]
         y = self._contract_q(y, q)  # (B, D, L)
         return self.output_linear(rearrange(y, "b d l -> b l d"))
 

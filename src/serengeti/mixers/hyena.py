@@ -27,7 +27,7 @@ from torch import nn
 
 from serengeti.mixers.gated_conv import GatedConvMixer
 from serengeti.ops.conv_history import ConvHistory
-from serengeti.ops.fftconv import fftconv
+from serengeti.ops.gated_fftconv import gated_fftconv
 from serengeti.optim_tags import set_optim
 
 
@@ -271,14 +271,21 @@ class Hyena(GatedConvMixer):
             raise ValueError("Hyena.forward(x, state) prefills an empty state; continue a started one with step()")
         z, (x0, *gates, v) = self.project(x)
         h, beta = self.filters(L)
+        # the gates ride inside the FFT convolution (one autograd node, no extra copies) unless
+        # the gated input itself is needed: dropout on it, or a prefill that records it
+        explicit_gate = state is not None or (self.training and self.dropout.p > 0)
         for o, x_i in enumerate(reversed(gates)):
-            v = self.gate(v, x_i)
-            if state is not None:
-                state.long_convs[o].prefill(v)
-            v = fftconv(v, h[o], beta[o])
+            post = x0 if o == self.order - 2 else None  # the last convolution is gated by x_0
+            if explicit_gate:
+                v = self.gate(v, x_i)
+                if state is not None:
+                    state.long_convs[o].prefill(v)
+                v = gated_fftconv(v, h[o], beta[o], post=post)
+            else:
+                v = gated_fftconv(v, h[o], beta[o], pre=x_i, post=post)
         if state is not None:
             state.conv_buf = self.conv_buffer_after(z)
-        return self.output(x0, v)
+        return self.out_proj(v.mT)  # v already holds x_0 * (h * ...)
 
     def allocate_state(self, batch_size: int, *, max_len: int, device=None, dtype=None) -> HyenaState:
         """Empty state for up to ``max_len`` positions (<= l_max).

@@ -6,6 +6,57 @@ from torch import nn
 import torch.nn.functional as F
 
 
+class _CausalDepthwiseConv(torch.autograd.Function):
+    """``y_t = b + sum_j w[:, j] x_{t-(K-1)+j}`` on (B, C, L) by K shifted multiply-adds.
+
+    On CPU this is several times faster than ``F.conv1d(F.pad(x), groups=C)`` forward and,
+    above all, backward (no padded copy, no generic convolution backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        K, L = weight.shape[-1], x.shape[-1]
+        w = weight[:, 0].unsqueeze(-1)  # (C, K, 1)
+        y = x * w[:, K - 1] if bias is None else torch.addcmul(bias.unsqueeze(-1), x, w[:, K - 1])
+        for j in range(K - 1):
+            s = K - 1 - j
+            if s < L:
+                y[..., s:].addcmul_(x[..., : L - s], w[:, j])
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        K, L = weight.shape[-1], x.shape[-1]
+        w = weight[:, 0].unsqueeze(-1)
+        g_x = g_w = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_x = g * w[:, K - 1]
+            for j in range(K - 1):
+                s = K - 1 - j
+                if s < L:
+                    g_x[..., : L - s].addcmul_(g[..., s:], w[:, j])
+        if ctx.needs_input_grad[1]:
+            g_w = torch.zeros_like(weight)
+            for j in range(K):
+                s = K - 1 - j
+                if s < L:
+                    g_w[:, 0, j] = torch.einsum("bcl,bcl->c", g[..., s:], x[..., : L - s])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            g_b = g.sum((0, 2))
+        return g_x, g_w, g_b
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal depthwise conv: x (B, C, L), weight (C, 1, K), bias (C,) -> (B, C, L).
+
+    Equals ``F.conv1d(F.pad(x, (K-1, 0)), weight, bias, groups=C)`` (the reference form).
+    """
+    return _CausalDepthwiseConv.apply(x, weight, bias)
+
+
 class ShortConv(nn.Module):
     """Depthwise causal Conv1d over time: ``y_t = sum_j w[j] x_{t-(K-1)+j} + b``.
 
@@ -23,7 +74,7 @@ class ShortConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, L) -> (B, C, L), causal."""
-        return F.conv1d(F.pad(x, (self.kernel_size - 1, 0)), self.weight, self.bias, groups=x.shape[1])
+        return causal_depthwise_conv(x, self.weight, self.bias)
 
     def history(self, x: torch.Tensor) -> torch.Tensor:
         """The last K-1 inputs of ``x: (B, C, L)`` as a step buffer (B, C, K-1), zero-padded on the left."""

@@ -1,0 +1,202 @@
+"""The language model: embedding -> N pre-norm residual blocks -> final norm -> tied LM head.
+
+One block, in the reference order (REFERENCE.md §1)::
+
+    residual = dropout1(h) + residual        # block 0: residual = dropout1(embeddings)
+    h        = mixer(LN1(residual))
+    residual = dropout2(h) + residual
+    h        = mlp(LN2(residual))             # returned with residual to the next block
+
+and after the last block ``h = LN_f(dropout(h) + residual)``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serengeti.mixers.attention import Attention
+
+MixerFactory = Callable[..., nn.Module]
+
+
+class MLP(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2. x: (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, d_model: int, d_inner: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_inner, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(d_inner, d_model, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one mixer and one MLP (see the module docstring)."""
+
+    def __init__(self, d_model: int, mixer: nn.Module, d_inner: int, *, dropout1: float, dropout2: float,
+                 eps: float = 1e-5, device=None, dtype=None) -> None:
+        super().__init__()
+        self.mixer = mixer
+        self.dropout1 = nn.Dropout(dropout1)
+        self.norm1 = nn.LayerNorm(d_model, eps=eps, device=device, dtype=dtype)
+        self.dropout2 = nn.Dropout(dropout2)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps, device=device, dtype=dtype)
+        self.mlp = MLP(d_model, d_inner, device=device, dtype=dtype)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, state: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h, residual: (B, L, D) (residual None at block 0) -> (h, residual)."""
+        residual = self.dropout1(h) + residual if residual is not None else self.dropout1(h)
+        x = self.norm1(residual)
+        h = self.mixer(x) if state is None else self.mixer(x, state=state)
+        residual = self.dropout2(h) + residual
+        return self.mlp(self.norm2(residual)), residual
+
+    def step(self, h: torch.Tensor, residual: torch.Tensor | None, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token: h, residual (B, D); dropout is inactive in generation."""
+        residual = h + residual if residual is not None else h
+        y, _ = self.mixer.step(self.norm1(residual), state)
+        residual = y + residual
+        return self.mlp(self.norm2(residual)), residual
+
+
+@dataclass
+class GenerationState:
+    """Per-layer mixer states plus the number of positions consumed so far."""
+
+    layers: dict[int, Any] = field(default_factory=dict)
+    offset: int = 0
+    max_len: int = 0
+
+
+class LMHeadModel(nn.Module):
+    """Causal LM over a configurable mixer.
+
+    Args:
+        d_model, n_layer: width and depth.
+        vocab_size: tokenizer vocabulary; padded up to ``pad_vocab_size_multiple``.
+        mixer: factory ``mixer(d_model, layer_idx=i, l_max=l_max, device=, dtype=)`` for ordinary blocks.
+        d_inner: MLP width (default 4 * d_model).
+        attn_layer_idx: block indices that use attention instead (hybrids).
+        attn_cfg: keyword arguments of :class:`Attention` for those blocks (num_heads, dropout, ...).
+        max_position_embeddings: > 0 adds learned absolute positions (synthetic Transformer baseline).
+        l_max: maximum sequence length, passed to mixers that size filters by it.
+        embed_dropout: dropout on the embeddings (block 0's dropout1); resid_dropout: every other dropout.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_layer: int,
+        vocab_size: int,
+        mixer: MixerFactory,
+        d_inner: int | None = None,
+        attn_layer_idx: Sequence[int] = (),
+        attn_cfg: dict | None = None,
+        max_position_embeddings: int = 0,
+        l_max: int | None = None,
+        embed_dropout: float = 0.1,
+        resid_dropout: float = 0.0,
+        pad_vocab_size_multiple: int = 1,
+        layer_norm_epsilon: float = 1e-5,
+        initializer_range: float = 0.02,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        attn_layer_idx = list(attn_layer_idx or [])
+        bad = [i for i in attn_layer_idx if not 0 <= i < n_layer]
+        if bad:
+            raise ValueError(f"model.attn_layer_idx {bad} out of range for model.n_layer={n_layer}")
+        self.vocab_size = vocab_size
+        self.padded_vocab_size = math.ceil(vocab_size / pad_vocab_size_multiple) * pad_vocab_size_multiple
+        self.max_position_embeddings = max_position_embeddings
+        self.l_max = l_max
+        d_inner = d_inner or 4 * d_model
+        attn_factory = functools.partial(Attention, **(attn_cfg or {}))
+
+        self.word_embeddings = nn.Embedding(self.padded_vocab_size, d_model, device=device, dtype=dtype)
+        self.position_embeddings = (
+            nn.Embedding(max_position_embeddings, d_model, device=device, dtype=dtype) if max_position_embeddings > 0 else None
+        )
+        self.layers = nn.ModuleList()
+        for i in range(n_layer):
+            factory = attn_factory if i in attn_layer_idx else mixer
+            block_mixer = factory(d_model, layer_idx=i, l_max=l_max, device=device, dtype=dtype)
+            self.layers.append(Block(d_model, block_mixer, d_inner, dropout1=embed_dropout if i == 0 else resid_dropout,
+                                     dropout2=resid_dropout, eps=layer_norm_epsilon, device=device, dtype=dtype))
+        self.drop_f = nn.Dropout(resid_dropout)
+        self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_epsilon, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        self.lm_head.weight = self.word_embeddings.weight  # tied
+        self.apply(functools.partial(_init_weights, n_layer=n_layer, initializer_range=initializer_range))
+
+    def embed(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """input_ids: (B, L) -> (B, L, D)."""
+        h = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            L = input_ids.shape[-1]
+            if offset + L > self.max_position_embeddings:
+                raise ValueError(f"sequence of {offset + L} tokens exceeds model.max_position_embeddings={self.max_position_embeddings}")
+            pos = torch.arange(offset, offset + L, device=input_ids.device)
+            h = h + self.position_embeddings(pos)
+        return h
+
+    def forward(self, input_ids: torch.Tensor, state: GenerationState | None = None) -> torch.Tensor:
+        """input_ids: (B, L) -> logits (B, L, padded_vocab). With ``state``: prefill, state left after the prompt."""
+        offset = state.offset if state is not None else 0
+        if state is not None and offset + input_ids.shape[-1] > state.max_len:
+            raise ValueError(f"prompt of {input_ids.shape[-1]} tokens after {offset} exceeds the state's max_len={state.max_len}")
+        h, residual = self.embed(input_ids, offset), None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, None if state is None else state.layers[i])
+        if state is not None:
+            state.offset += input_ids.shape[-1]
+        return self.lm_head(self.ln_f(self.drop_f(h) + residual))
+
+    @torch.no_grad()
+    def allocate_state(self, batch_size: int, max_len: int, device=None, dtype=None) -> GenerationState:
+        """Empty per-layer states for generating up to ``max_len`` positions in total."""
+        ref = self.word_embeddings.weight
+        device, dtype = device or ref.device, dtype or ref.dtype
+        layers = {i: layer.mixer.allocate_state(batch_size, max_len=max_len, device=device, dtype=dtype)
+                  for i, layer in enumerate(self.layers)}
+        return GenerationState(layers=layers, offset=0, max_len=max_len)
+
+    def step(self, token_ids: torch.Tensor, state: GenerationState) -> torch.Tensor:
+        """One token per sequence: token_ids (B,) -> logits (B, padded_vocab); advances ``state``."""
+        if state is None:
+            raise RuntimeError("LMHeadModel.step needs a state: call allocate_state(batch_size, max_len) first")
+        if state.offset >= state.max_len:
+            raise ValueError(f"generation state is full (max_len={state.max_len})")
+        h, residual = self.embed(token_ids[:, None], state.offset)[:, 0], None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer.step(h, residual, state.layers[i])
+        state.offset += 1
+        return self.lm_head(self.ln_f(h + residual))
+
+
+def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
+    """GPT-2 init: Linear/Embedding N(0, 0.02), zero bias; ``out_proj``/``fc2`` weights N(0, 0.02/sqrt(2 n_layer)).
+
+    Mixers keep their own init for their own parameters: only ``nn.Linear``/``nn.Embedding`` are touched,
+    and a mixer whose Linear must keep a custom init marks it with ``_no_reinit = True``.
+    """
+    if getattr(module, "_no_reinit", False):
+        return
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=initializer_range)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=initializer_range)
+    for name, child in module.named_children():
+        if name in ("out_proj", "fc2") and isinstance(child, nn.Linear) and not getattr(child, "_no_reinit", False):
+            nn.init.normal_(child.weight, std=initializer_range / math.sqrt(2 * n_layer))

@@ -1,0 +1,114 @@
+"""Training entry: compose config -> datamodule, LightningModule, Trainer -> fit -> test."""
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from serengeti.tasks.lm import LMTask
+
+log = logging.getLogger("serengeti")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and what was expected."""
+
+
+def prepare(cfg: DictConfig) -> tuple[pl.LightningDataModule, LMTask]:
+    """Build the datamodule and the LightningModule, filling dataset-derived model keys.
+
+    ``model.vocab_size`` and ``model.l_max`` default (null) to the datamodule's values. Raises
+    :class:`ConfigError` for invalid settings before anything is trained or written.
+    """
+    try:
+        datamodule = instantiate(cfg.dataset)
+    except Exception as e:  # hydra wraps constructor errors; surface the message with the group name
+        raise ConfigError(f"dataset: {_root_cause(e)}") from e
+    with open_dict(cfg):
+        if cfg.model.get("vocab_size") is None:
+            cfg.model.vocab_size = datamodule.vocab_size
+        elif cfg.model.vocab_size < datamodule.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's vocabulary ({datamodule.vocab_size})")
+        if cfg.model.get("l_max") is None:
+            cfg.model.l_max = datamodule.l_max
+        if cfg.get("scheduler") is not None and cfg.scheduler.get("total_steps") is None and cfg.trainer.get("max_steps", -1) > 0:
+            cfg.scheduler.total_steps = cfg.trainer.max_steps  # the schedule spans the configured run, not a debug cut
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    task_cfg = {k: plain[k] for k in ("model", "optimizer", "scheduler") if k in plain}
+    try:
+        task = LMTask(task_cfg)
+    except Exception as e:
+        raise ConfigError(f"model: {_root_cause(e)}") from e
+    return datamodule, task
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return str(e)
+
+
+def _log_param_groups(task: LMTask) -> None:
+    from serengeti.optim import param_groups
+
+    opt = task.cfg["optimizer"]
+    groups = param_groups(task.model, lr=opt["lr"], weight_decay=opt.get("weight_decay", 0.0),
+                          policy=opt.get("weight_decay_policy", "reference"))
+    for g in groups:
+        n = sum(p.numel() for p in g["params"])
+        log.info("param group lr=%g wd=%g: %d tensors, %d parameters", g["lr"], g["weight_decay"], len(g["params"]), n)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train (and test) one configuration; returns the final metrics as floats."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, task = prepare(cfg)
+    n_params = sum(p.numel() for p in task.model.parameters())
+    log.info("model: %s parameters", f"{n_params:,}")
+    _log_param_groups(task)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    start = time.time()
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test_after_fit", True):
+        for result in trainer.test(task, datamodule=datamodule, verbose=False):
+            metrics.update({k: float(v) for k, v in result.items()})
+    metrics["time/fit_and_test_s"] = time.time() - start
+    if trainer.is_global_zero:
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/")))
+        log.info("final metrics: %s", summary)
+        print(f"[serengeti] {summary} | steps={trainer.global_step} | wall={metrics['time/fit_and_test_s']:.1f}s")
+    return metrics
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task function: run, and on a config error remove the fresh run dir and exit with the message."""
+    try:
+        metrics = run(cfg)
+    except ConfigError as e:
+        _remove_fresh_output_dir(cfg)
+        raise SystemExit(f"config error: {e}") from None
+    value = metrics.get(cfg.get("monitor"))
+    return None if value is None or math.isnan(value) else value
+
+
+def _remove_fresh_output_dir(cfg: DictConfig) -> None:
+    """Delete the run dir Hydra created if it holds nothing but Hydra's own files."""
+    try:
+        out = Path(cfg.paths.output_dir)
+    except Exception:
+        return
+    if out.is_dir() and all(p.name in (".hydra", "train.log", "main.log") for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,51 @@
+"""Attention mixer against a plain softmax oracle; KV-cache step == forward."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from serengeti.mixers import Attention, StateError
+
+
+def attention_ref(mixer: Attention, x: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention written out in float64."""
+    B, L, D = x.shape
+    H, hd = mixer.num_heads, mixer.head_dim
+    qkv = (x @ mixer.Wqkv.weight.T + mixer.Wqkv.bias).view(B, L, 3, H, hd)
+    q, k, v = qkv.unbind(2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    y = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, L, D)
+    return y @ mixer.out_proj.weight.T + mixer.out_proj.bias
+
+
+@pytest.mark.parametrize("L", [1, 7, 33])
+def test_matches_reference(L):
+    torch.manual_seed(0)
+    mixer = Attention(24, num_heads=3).double()
+    x = torch.randn(2, L, 24, dtype=torch.float64)
+    torch.testing.assert_close(mixer(x), attention_ref(mixer, x), rtol=1e-10, atol=1e-10)
+
+
+def test_kv_cache_step_reproduces_forward():
+    torch.manual_seed(0)
+    mixer = Attention(32, num_heads=4).eval()
+    x = torch.randn(2, 10, 32)
+    full = mixer(x)
+    state = mixer.allocate_state(2, max_len=10)
+    torch.testing.assert_close(mixer(x[:, :4], state=state), full[:, :4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixer(x[:, 4:6], state=state), full[:, 4:6], rtol=1e-5, atol=1e-5)  # chunked prefill
+    for t in range(6, 10):
+        y, state = mixer.step(x[:, t], state)
+        torch.testing.assert_close(y, full[:, t], rtol=1e-5, atol=1e-5)
+    assert state.length == 10
+    with pytest.raises(ValueError, match="max_len"):
+        mixer.step(x[:, 0], state)
+
+
+def test_step_without_state_is_explained():
+    mixer = Attention(8, num_heads=2)
+    with pytest.raises(StateError, match="allocate_state"):
+        mixer.step(torch.randn(1, 8), None)

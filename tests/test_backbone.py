@@ -1,0 +1,105 @@
+"""The LM backbone: block order, init, tying, vocab padding, hybrids, causality, step == forward."""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from serengeti.mixers import Attention
+from serengeti.models.lm import LMHeadModel
+
+
+def tiny_lm(**kw) -> LMHeadModel:
+    args = dict(d_model=32, n_layer=2, vocab_size=13, mixer=functools.partial(Attention, num_heads=2), l_max=64,
+                embed_dropout=0.0)
+    args.update(kw)
+    return LMHeadModel(**args)
+
+
+def test_forward_backward_one_batch():
+    torch.manual_seed(0)
+    model = tiny_lm(pad_vocab_size_multiple=8)
+    x = torch.randint(0, 13, (3, 17))
+    logits = model(x)
+    assert logits.shape == (3, 17, 16) and model.padded_vocab_size == 16
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_head_tied_to_embedding_and_gpt2_init():
+    torch.manual_seed(0)
+    n_layer = 4
+    model = tiny_lm(d_model=256, n_layer=n_layer, vocab_size=5000)
+    assert model.lm_head.weight is model.word_embeddings.weight
+    std = lambda t: t.detach().float().std().item()  # noqa: E731
+    assert std(model.word_embeddings.weight) == pytest.approx(0.02, rel=0.05)
+    assert std(model.layers[0].mixer.Wqkv.weight) == pytest.approx(0.02, rel=0.05)
+    rescaled = 0.02 / math.sqrt(2 * n_layer)
+    assert std(model.layers[0].mixer.out_proj.weight) == pytest.approx(rescaled, rel=0.05)
+    assert std(model.layers[1].mlp.fc2.weight) == pytest.approx(rescaled, rel=0.05)
+    assert std(model.layers[1].mlp.fc1.weight) == pytest.approx(0.02, rel=0.05)
+    assert torch.count_nonzero(model.layers[0].mlp.fc1.bias) == 0
+
+
+def test_block_order_matches_reference():
+    """Recompute the forward by hand in the reference order: dropout -> add -> LN -> mixer -> dropout -> add -> LN -> MLP."""
+    torch.manual_seed(0)
+    model = tiny_lm().eval()
+    x = torch.randint(0, 13, (2, 9))
+    h, residual = model.word_embeddings(x), None
+    for layer in model.layers:
+        residual = h if residual is None else h + residual
+        h = layer.mixer(layer.norm1(residual))
+        residual = h + residual
+        h = layer.mlp.fc2(torch.nn.functional.gelu(layer.mlp.fc1(layer.norm2(residual)), approximate="tanh"))
+    expected = model.lm_head(model.ln_f(h + residual))
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_hybrid_uses_attention_at_given_indices():
+    from serengeti.mixers.base import Mixer
+
+    class Identity(Mixer):
+        def forward(self, x, state=None):
+            return x
+
+    def factory(d_model, *, layer_idx, l_max, device=None, dtype=None):
+        return Identity(d_model, layer_idx=layer_idx, l_max=l_max)
+
+    model = tiny_lm(n_layer=4, mixer=factory, attn_layer_idx=[1, 3], attn_cfg={"num_heads": 4, "dropout": 0.1})
+    kinds = [type(layer.mixer).__name__ for layer in model.layers]
+    assert kinds == ["Identity", "Attention", "Identity", "Attention"]
+    assert model.layers[1].mixer.num_heads == 4 and model.layers[1].mixer.dropout == 0.1
+    with pytest.raises(ValueError, match="attn_layer_idx"):
+        tiny_lm(n_layer=2, attn_layer_idx=[2])
+
+
+def test_invalid_heads_message_names_key():
+    with pytest.raises(ValueError, match="num_heads.*model.d_model"):
+        tiny_lm(mixer=functools.partial(Attention, num_heads=5))
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = tiny_lm(max_position_embeddings=64).double().eval()
+    x = torch.randint(0, 13, (2, 20))
+    y = x.clone()
+    y[:, 11:] = (y[:, 11:] + 1) % 13
+    torch.testing.assert_close(model(x)[:, :11], model(y)[:, :11], rtol=0, atol=1e-12)
+
+
+def test_generation_state_step_equals_forward():
+    torch.manual_seed(0)
+    model = tiny_lm(max_position_embeddings=64).eval()
+    x = torch.randint(0, 13, (2, 12))
+    full = model(x)
+    state = model.allocate_state(2, max_len=12)
+    prefill = model(x[:, :5], state=state)
+    torch.testing.assert_close(prefill, full[:, :5], rtol=1e-5, atol=1e-5)
+    for t in range(5, 12):
+        torch.testing.assert_close(model.step(x[:, t], state), full[:, t], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_len"):
+        model.step(x[:, 0], state)
