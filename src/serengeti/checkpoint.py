@@ -1,0 +1,301 @@
+"""Checkpoints in and out, without executing pickled code.
+
+Two formats are read:
+
+* a Lightning ``.ckpt`` written by ``train.py``: ``torch.load(weights_only=True)``; the plain run
+  config is ``ckpt["hyper_parameters"]["cfg"]`` (stored by :class:`~serengeti.tasks.lm.LMTask`) and
+  the weights are ``ckpt["state_dict"]`` under the ``model.`` prefix;
+* an exported directory: ``model.safetensors`` + ``config.json`` (or ``config.yaml``) holding the
+  resolved ``model`` config, the ``dataset`` config and a ``tokenizer`` record, plus
+  ``tokenizer.json`` for BPE tokenizers, so the directory is self-contained.
+
+The config dict returned by :func:`load_model` always has ``model``; ``dataset`` and ``tokenizer``
+are present when the checkpoint recorded them. A tokenizer record is one of::
+
+    {"kind": "char", "chars": "...", "eos": bool, "vocab_size": V, "fingerprint": ...}
+    {"kind": "bpe", "name": "gpt2" | path | {vocab, merges}, "eos_token": ..., "vocab_size": V, "fingerprint": ...}
+    {"kind": "ids", "vocab_size": V}       # synthetic tasks: no text, token ids are the interface
+
+Public API: :func:`load_model`, :func:`read_checkpoint`, :func:`load_weights`,
+:func:`save_pretrained`, :func:`export`, :func:`tokenizer_record`, :func:`tokenizer_from_record`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from serengeti.models.lm import LMHeadModel
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not match its config; the message names the file."""
+
+
+# -- tokenizer records -----------------------------------------------------------------------------
+
+def tokenizer_record(tokenizer: Any, vocab_size: int | None = None) -> dict | None:
+    """A JSON-able description of a datamodule's tokenizer (``None`` tokenizer: ``{"kind": "ids"}``)."""
+    from serengeti.data.tokenizers import BPETokenizer, CharTokenizer
+
+    if tokenizer is None:
+        return None if vocab_size is None else {"kind": "ids", "vocab_size": int(vocab_size)}
+    if isinstance(tokenizer, CharTokenizer):
+        return {"kind": "char", "chars": tokenizer.chars, "eos": tokenizer.eos_id is not None,
+                "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint}
+    if isinstance(tokenizer, BPETokenizer):
+        eos_token = tokenizer.backend.id_to_token(tokenizer.eos_id)
+        return {"kind": "bpe", "name": tokenizer.name, "eos_token": eos_token,
+                "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint}
+    log.warning("no tokenizer record for %s: the checkpoint will not know how to encode text", type(tokenizer).__name__)
+    return None
+
+
+def tokenizer_from_record(record: Mapping | None, root: str | os.PathLike | None = None, *, override: Any = None):
+    """Rebuild a tokenizer. ``None`` for no record or an ``ids`` record (synthetic data).
+
+    Args:
+        record: from :func:`tokenizer_record`.
+        root: an exported directory; its ``tokenizer.json`` is preferred for BPE records.
+        override: a ``dataset.tokenizer``-style spec to load instead (e.g. a local GPT-2 directory).
+    """
+    from serengeti.data.tokenizers import DEFAULT_EOS_TOKEN, CharTokenizer, load_tokenizer
+
+    if override is not None:
+        eos = (record or {}).get("eos_token", DEFAULT_EOS_TOKEN)
+        return load_tokenizer(override, eos_token=eos)
+    if not record or record.get("kind") == "ids":
+        return None
+    kind = record.get("kind")
+    if kind == "char":
+        return CharTokenizer(record["chars"], eos=bool(record["eos"]))
+    if kind != "bpe":
+        raise CheckpointError(f"unknown tokenizer kind {kind!r} in the checkpoint's tokenizer record")
+    local = Path(root) / TOKENIZER_NAME if root is not None else None
+    spec = str(local) if local is not None and local.is_file() else record["name"]
+    try:
+        tok = load_tokenizer(spec, eos_token=record.get("eos_token", DEFAULT_EOS_TOKEN))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's tokenizer {spec!r} could not be loaded ({e}); "
+                              "pass tokenizer=<local tokenizer directory or tokenizer.json>") from e
+    if tok.vocab_size != record["vocab_size"]:
+        raise CheckpointError(f"tokenizer {spec!r} has {tok.vocab_size} ids, the checkpoint was trained with "
+                              f"{record['vocab_size']}")
+    if tok.fingerprint != record.get("fingerprint"):
+        log.warning("tokenizer %r differs in its serialisation from the one recorded at training time "
+                    "(same vocabulary size %d)", spec, tok.vocab_size)
+    return tok
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(cfg, state_dict)`` of a ``.ckpt`` file or an exported directory; weights on CPU.
+
+    Raises:
+        CheckpointError: missing path, unreadable/truncated file, or no serengeti config inside.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path} (expected a .ckpt from train.py or a directory "
+                              f"written by `evaluate.py task=export`, with {WEIGHTS_NAME} + {CONFIG_NAME})")
+    if path.is_dir():
+        return _read_export(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code in it, not a torch file at all
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    cfg = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{path}: no 'hyper_parameters.cfg.model' (not written by serengeti's train.py?)")
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if not state:
+        raise CheckpointError(f"{path}: 'state_dict' holds no 'model.*' weights")
+    return cfg, state
+
+
+def _read_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    weights = root / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{root}: no {WEIGHTS_NAME} in the directory")
+    cfg_path = next((root / n for n in (CONFIG_NAME, "config.yaml") if (root / n).is_file()), None)
+    if cfg_path is None:
+        raise CheckpointError(f"{root}: no {CONFIG_NAME} (or config.yaml) beside {WEIGHTS_NAME}")
+    try:
+        if cfg_path.suffix == ".json":
+            cfg = json.loads(cfg_path.read_text())
+        else:
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    except Exception as e:
+        raise CheckpointError(f"{cfg_path}: cannot parse the config ({_first_line(e)})") from e
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{cfg_path}: expected a mapping with a 'model' section")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:
+        raise CheckpointError(f"{weights}: cannot read the weights ({type(e).__name__}: {_first_line(e)})") from e
+    return cfg, state
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
+    """``{alias: name}`` for state-dict entries that share storage with an earlier entry (tied weights)."""
+    seen: dict[tuple, str] = {}
+    aliases = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+    return aliases
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error.
+
+    Tied entries (``lm_head.weight`` = ``word_embeddings.weight``) may be absent from ``state``.
+
+    Raises:
+        CheckpointError: naming ``source`` and the first mismatching key (in the model's order).
+    """
+    expected = model.state_dict()
+    aliases = _tied_aliases(model)
+    problems = []
+    for name, t in expected.items():
+        if name not in state:
+            if name not in aliases:
+                problems.append((name, "missing from the checkpoint"))
+        elif tuple(state[name].shape) != tuple(t.shape):
+            problems.append((name, f"shape {tuple(state[name].shape)} in the checkpoint, {tuple(t.shape)} in the model"))
+    problems += [(k, "not a parameter of the model") for k in state if k not in expected]
+    if problems:
+        key, why = problems[0]
+        more = f" ({len(problems) - 1} more mismatching keys)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{source}: weights do not match the model built from its config: "
+                              f"first mismatching key {key!r}: {why}{more}")
+    full = dict(state)
+    for alias, name in aliases.items():
+        full.setdefault(alias, full[name])
+    model.load_state_dict(full, strict=True)
+
+
+def build_model(cfg: Mapping) -> LMHeadModel:
+    """The LM described by ``cfg["model"]`` (random weights)."""
+    from serengeti.tasks.lm import build_model as build
+
+    return build(dict(cfg["model"]))
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", tokenizer: Any = None,
+               load_tokenizer: bool = True) -> tuple[LMHeadModel, dict, Any]:
+    """Load a model for evaluation or generation.
+
+    Args:
+        path: a ``.ckpt`` from ``train.py`` or an exported directory.
+        device: where the model goes.
+        tokenizer: optional tokenizer spec (as ``dataset.tokenizer``) to use instead of the recorded one.
+        load_tokenizer: ``False`` skips rebuilding the tokenizer (returns ``None``).
+
+    Returns:
+        ``(model, cfg, tokenizer)``: the LM in eval mode; the plain config (``model`` and, when
+        recorded, ``dataset`` and ``tokenizer``); a :class:`~serengeti.data.tokenizers.BPETokenizer` /
+        :class:`~serengeti.data.tokenizers.CharTokenizer`, or ``None`` when the checkpoint records no
+        text tokenizer (synthetic tasks: token ids are the interface).
+    """
+    cfg, state = read_checkpoint(path)
+    try:
+        model = build_model(cfg)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot build the model from its config ({_first_line(e)})") from e
+    load_weights(model, state, path)
+    model.to(device).eval()
+    tok = None
+    if load_tokenizer:
+        root = path if Path(path).is_dir() else None
+        tok = tokenizer_from_record(cfg.get("tokenizer"), root, override=tokenizer)
+    return model, cfg, tok
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike, *, tokenizer: Any = None,
+                    overwrite: bool = False) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) to ``out`` atomically.
+
+    The directory is assembled under a temporary name beside ``out`` and renamed into place, so a
+    crash leaves either the old directory or the complete new one. Tied weights are stored once.
+
+    Args:
+        model: the LM. cfg: plain config with ``model`` (``dataset``/``tokenizer`` kept when present).
+        out: target directory. tokenizer: a BPE tokenizer whose ``tokenizer.json`` is written too.
+        overwrite: replace an existing ``out``.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"out={out} already exists (pass overwrite=true to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    aliases = _tied_aliases(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    config = {"format": "serengeti", "version": FORMAT_VERSION,
+              **{k: cfg[k] for k in ("model", "dataset", "tokenizer") if cfg.get(k) is not None}}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        backend = getattr(tokenizer, "backend", None)
+        if backend is not None:
+            (tmp / TOKENIZER_NAME).write_text(backend.to_str())
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """``.ckpt`` (or exported directory) -> safetensors directory ``out``; returns ``out``.
+
+    The tokenizer is copied in when it can be loaded; if not, a warning is logged and the record
+    alone is kept (loading the export then needs the tokenizer where it was at training time).
+    """
+    model, cfg, _ = load_model(ckpt, load_tokenizer=False)
+    tok = None
+    if (cfg.get("tokenizer") or {}).get("kind") == "bpe":
+        try:
+            tok = tokenizer_from_record(cfg["tokenizer"], ckpt if Path(ckpt).is_dir() else None)
+        except CheckpointError as e:
+            log.warning("export without tokenizer.json: %s", e)
+    return save_pretrained(model, cfg, out, tokenizer=tok, overwrite=overwrite)
