@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from serengeti.checkpoint import tokenizer_record
 from serengeti.tasks.lm import LMTask
 
 log = logging.getLogger("serengeti")
@@ -42,7 +43,9 @@ def prepare(cfg: DictConfig) -> tuple[pl.LightningDataModule, LMTask]:
         if cfg.get("scheduler") is not None and cfg.scheduler.get("total_steps") is None and cfg.trainer.get("max_steps", -1) > 0:
             cfg.scheduler.total_steps = cfg.trainer.max_steps  # the schedule spans the configured run, not a debug cut
     plain = OmegaConf.to_container(cfg, resolve=True)
-    task_cfg = {k: plain[k] for k in ("model", "optimizer", "scheduler") if k in plain}
+    task_cfg = {k: plain[k] for k in ("model", "optimizer", "scheduler", "dataset") if k in plain}
+    # the checkpoint records the tokenizer, so evaluate.py can decode without the training data
+    task_cfg["tokenizer"] = tokenizer_record(getattr(datamodule, "tokenizer", None), datamodule.vocab_size)
     try:
         task = LMTask(task_cfg)
     except Exception as e:
