@@ -1,0 +1,1 @@
+"""Evaluation helpers used by ``evaluate.py`` (lm-evaluation-harness adapter, ...)."""
