@@ -53,13 +53,15 @@ class LMTask(pl.LightningModule):
     Args:
         cfg: the plain, resolved run config (dicts only) with keys ``model``, ``optimizer``,
             ``scheduler`` and ``trainer``; stored in the checkpoint so the model can be rebuilt.
+        model: an already built (e.g. loaded) LM to wrap instead of building one from ``cfg["model"]``
+            (evaluate.py reuses this class's metrics on a loaded checkpoint).
     """
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], model: LMHeadModel | None = None) -> None:
         super().__init__()
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
-        self.model = build_model(cfg["model"])
+        self.model = model if model is not None else build_model(cfg["model"])
         self.metrics = torch.nn.ModuleDict(
             {f"{split}_{m}": _Mean() for split in ("val", "test") for m in ("loss", "accuracy")}
         )
