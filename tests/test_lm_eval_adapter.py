@@ -1,0 +1,173 @@
+"""The lm-eval adapter's scoring and generation against direct forward passes (offline, no lm_eval needed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serengeti.data.tokenizers import CharTokenizer, load_tokenizer
+from serengeti.evaluate import lm_eval_adapter
+from serengeti.evaluate.lm_eval_adapter import LMScorer, run_lm_eval
+from serengeti.tasks.lm import build_model
+
+TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!"
+MIXERS = {
+    "hyena": {"_target_": "serengeti.mixers.Hyena", "_partial_": True, "filter_order": 8},
+    "h3": {"_target_": "serengeti.mixers.H3", "_partial_": True, "d_state": 8},
+    "attention": {"_target_": "serengeti.mixers.Attention", "_partial_": True, "num_heads": 2},
+}
+
+
+def tiny_lm(mixer: str, vocab_size: int, l_max: int | None = 16, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = {"d_model": 16, "n_layer": 2, "vocab_size": vocab_size, "l_max": l_max, "embed_dropout": 0.0,
+           "resid_dropout": 0.0, "pad_vocab_size_multiple": 8, "mixer": dict(MIXERS[mixer])}
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # bigger logits than the 0.02 init, so argmax/greedy checks are not ties
+        model.word_embeddings.weight.mul_(50)
+    return model
+
+
+@pytest.fixture(scope="module")
+def char_tok():
+    return CharTokenizer("".join(sorted(set(TEXT))), eos=True)
+
+
+def direct_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[j+1] | ids[:j+1]) for every j, from one full forward: (len(ids) - 1,) float64."""
+    logits = model(torch.tensor([ids[:-1]]))[0, :, : model.vocab_size].double()
+    lp = F.log_softmax(logits, dim=-1)
+    return lp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def enc(tok, text):
+    return tok.encode_batch([text])[0] if text else []
+
+
+@pytest.mark.parametrize("mixer", ["hyena", "h3"])
+def test_loglikelihood_equals_direct_sum(mixer, char_tok):
+    model = tiny_lm(mixer, char_tok.vocab_size)
+    scorer = LMScorer(model, char_tok, batch_size=3)
+    reqs = [("the quick", " brown fox"), ("", "lazy"), ("over the ", "dog"), (TEXT[:40], TEXT[40:45])]
+    got = scorer.loglikelihood(reqs)
+    for (ctx, cont), (lp, _) in zip(reqs, got):
+        if ctx.endswith(" "):  # the trailing space belongs to the continuation
+            ctx, cont = ctx[:-1], " " + cont
+        c, k = enc(char_tok, ctx) or [char_tok.eos_id], enc(char_tok, cont)
+        ids = (c + k)[-(scorer.max_length + 1):]  # long contexts are cut on the left
+        want = direct_logprobs(model, ids)[-len(k):].sum().item()
+        assert lp == pytest.approx(want, abs=1e-4)
+    assert all(isinstance(g, bool) for _, g in got)
+
+
+def test_is_greedy_flag(char_tok):
+    model = tiny_lm("h3", char_tok.vocab_size)
+    scorer = LMScorer(model, char_tok)
+    ctx = enc(char_tok, "the lazy")
+    ids = list(ctx)
+    for _ in range(3):  # greedy continuation by repeated full forwards
+        logits = model(torch.tensor([ids]))[0, -1, : model.vocab_size]
+        ids.append(int(logits.argmax()))
+    greedy = char_tok.decode(ids[len(ctx):])
+    wrong_tok = next(t for t in range(char_tok.vocab_size - 1) if t != ids[-1])
+    not_greedy = char_tok.decode(ids[len(ctx):-1] + [wrong_tok])
+    (lp_g, is_g), (lp_n, is_n) = scorer.loglikelihood([("the lazy", greedy), ("the lazy", not_greedy)])
+    assert is_g is True and is_n is False
+    assert lp_g > lp_n
+
+
+def test_batching_and_padding_do_not_change_results(char_tok):
+    model = tiny_lm("hyena", char_tok.vocab_size)
+    reqs = [(TEXT[:n], TEXT[n:n + m]) for n, m in [(3, 2), (11, 5), (1, 1), (7, 9), (14, 2)]]
+    one = LMScorer(model, char_tok, batch_size=1).loglikelihood(reqs)
+    many = LMScorer(model, char_tok, batch_size=5).loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(one, many):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+    r1 = LMScorer(model, char_tok, batch_size=1).loglikelihood_rolling([TEXT, TEXT[:5]])
+    r4 = LMScorer(model, char_tok, batch_size=4).loglikelihood_rolling([TEXT, TEXT[:5]])
+    assert r1 == pytest.approx(r4, abs=1e-4)
+
+
+@pytest.mark.parametrize("mixer,max_length", [("hyena", None), ("h3", 12)])
+def test_rolling_windows_equal_direct_sum(mixer, max_length, char_tok):
+    model = tiny_lm(mixer, char_tok.vocab_size, l_max=16 if mixer == "hyena" else None)
+    scorer = LMScorer(model, char_tok, batch_size=4, max_length=max_length)
+    M = scorer.max_length
+    tokens = enc(char_tok, TEXT)
+    assert len(tokens) > 3 * M
+    # independent oracle: token j is predicted in the window of targets [a, b) = block j // M, fed the
+    # M tokens that end just before b (prefix token first), one direct forward per window
+    full = [char_tok.eos_id] + tokens
+    want = 0.0
+    for a in range(0, len(tokens), M):
+        b = min(a + M, len(tokens))
+        start = max(0, b - M)
+        lp = direct_logprobs(model, full[start:b + 1])  # predictions of full[start+1 : b+1]
+        want += lp[a - start:].sum().item()
+    (got,) = scorer.loglikelihood_rolling([(TEXT,)])
+    assert got == pytest.approx(want, abs=1e-3)
+    # a text that fits in one window is the loglikelihood of the whole text after the prefix token
+    short = TEXT[: M - 2]
+    (roll,) = scorer.loglikelihood_rolling([short])
+    ((ll, _),) = scorer.loglikelihood([("", short)])
+    assert roll == pytest.approx(ll, abs=1e-5)
+    assert roll == pytest.approx(direct_logprobs(model, [char_tok.eos_id] + enc(char_tok, short)).sum().item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["hyena", "attention"])
+def test_generate_until_stops_at_until(mixer, char_tok):
+    model = tiny_lm(mixer, char_tok.vocab_size, l_max=32)
+    scorer = LMScorer(model, char_tok, max_length=32)
+    ids = enc(char_tok, "the lazy")
+    greedy = []
+    for _ in range(10):  # reference: argmax of a full forward at every step
+        logits = model(torch.tensor([ids + greedy]))[0, -1, : model.vocab_size]
+        tok = int(logits.argmax())
+        if tok == char_tok.eos_id:
+            break
+        greedy.append(tok)
+    text = char_tok.decode(greedy)
+    (full,) = scorer.generate_until([("the lazy", {"until": [], "max_gen_toks": len(greedy)})])
+    assert full == text
+    stop = text[3:5]
+    cut = text.split(stop, 1)[0]
+    (got,) = scorer.generate_until([("the lazy", {"until": [stop], "max_gen_toks": 10})])
+    assert got == cut
+    (got2,) = scorer.generate_until([("the lazy", {"until": stop, "max_gen_toks": 2})])
+    assert got2 == text[:2].split(stop, 1)[0]
+
+
+def test_gpt2_tokenizer_boundaries(shared_data):
+    tok = load_tokenizer(shared_data / "gpt2" / "tokenizer.json")
+    model = tiny_lm("h3", tok.vocab_size, l_max=None)
+    scorer = LMScorer(model, tok)
+    ((lp, _),) = scorer.loglikelihood([("Hello ", "world")])  # trailing space moves to " world"
+    ctx, cont = tok.encode_batch(["Hello"])[0], tok.encode_batch([" world"])[0]
+    assert cont == [995]
+    assert lp == pytest.approx(direct_logprobs(model, ctx + cont)[-1].item(), abs=1e-5)
+
+
+def test_errors(char_tok, monkeypatch):
+    model = tiny_lm("h3", char_tok.vocab_size, l_max=None)
+    with pytest.raises(ValueError, match="tokenizer"):
+        LMScorer(model, None)
+    with pytest.raises(ValueError, match="max_length"):
+        LMScorer(model, char_tok, max_length=4).loglikelihood([("a", "the quick")])
+    monkeypatch.setattr(lm_eval_adapter, "SerengetiLM", None)
+    with pytest.raises(ImportError, match=r"pip install \.\[eval\]"):
+        run_lm_eval(model, char_tok, ["lambada_openai"])
+
+
+def test_registered_lm_eval_model(char_tok):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    assert get_model("serengeti") is lm_eval_adapter.SerengetiLM
+    model = tiny_lm("hyena", char_tok.vocab_size)
+    lm = lm_eval_adapter.SerengetiLM(model=model, tokenizer=char_tok, batch_size="auto")
+    reqs = [Instance("loglikelihood", {}, ("the quick", " brown"), 0),
+            Instance("loglikelihood", {}, ("over", " the"), 1)]
+    assert lm.loglikelihood(reqs) == LMScorer(model, char_tok).loglikelihood([r.args for r in reqs])
+    roll = [Instance("loglikelihood_rolling", {}, (TEXT,), 0)]
+    assert lm.loglikelihood_rolling(roll)[0] == pytest.approx(LMScorer(model, char_tok).loglikelihood_rolling([TEXT])[0])
