@@ -1,0 +1,351 @@
+"""Long-convolution classifier for CIFAR-10 read as a sequence of 1024 pixels, in one file.
+
+Each image is flattened row by row into a sequence x: (B, L=1024, C) with C = 3 (RGB) or 1 (``--grayscale``,
+the sequential-CIFAR benchmark). The model is
+
+    Linear(C -> D) -> n_layers x [LongConv -> dropout -> add -> LayerNorm] -> mean over L -> Linear(D -> 10)
+
+where a LongConv layer convolves every channel with its own explicit kernel as long as the sequence
+(``channels`` kernels per model channel), computed by FFT, regularised by squashing small taps to zero,
+optional moving-average smoothing and kernel dropout, then GELU, dropout and a GLU output projection.
+``--bidirectional`` (the default) lets each position see the whole image; ``--causal`` only the pixels
+before it.
+
+Run (data: the Hugging Face hub by default, or ``--data`` = an ``.npz`` with x_train/y_train/x_test/y_test
+as uint8 HWC images, or a folder with the official binary batches data_batch_*.bin / test_batch.bin):
+
+    python standalone_cifar.py                                   # the GPU recipe: D 256, 6 layers, 300 epochs
+    python standalone_cifar.py --data ../shared/data/cifar10/cifar10_subset.npz --d-model 64 --n-layers 4 --epochs 12
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+
+RGB_MEAN, RGB_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+GRAY_MEAN, GRAY_STD = 122.6 / 255, 61.0 / 255
+console = Console()
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_npz(path: str) -> tuple[np.ndarray, ...]:
+    """x_train: (N, 32, 32, 3) uint8, y_train: (N,) int64, and the same for test."""
+    with np.load(path, allow_pickle=False) as d:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
+        if missing:
+            raise ValueError(f"--data {path}: the .npz lacks the arrays {sorted(missing)}")
+        return d["x_train"], d["y_train"].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64)
+
+
+def read_binary_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One official binary batch: records of 1 label byte + 3072 pixel bytes (R, G, B planes of 32 x 32)."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 3073:
+        raise ValueError(f"{path}: {raw.size} bytes is not a whole number of 3073-byte CIFAR-10 records")
+    rec = raw.reshape(-1, 3073)
+    images = rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW planes -> HWC
+    return np.ascontiguousarray(images), rec[:, 0].astype(np.int64)
+
+
+def load_binary_dir(path: str) -> tuple[np.ndarray, ...]:
+    train_files = sorted(f for f in os.listdir(path) if f.startswith("data_batch_") and f.endswith(".bin"))
+    if not train_files or not os.path.exists(os.path.join(path, "test_batch.bin")):
+        raise FileNotFoundError(f"--data {path}: expected data_batch_*.bin and test_batch.bin (CIFAR-10 binary version)")
+    train = [read_binary_batch(os.path.join(path, f)) for f in train_files]
+    x_test, y_test = read_binary_batch(os.path.join(path, "test_batch.bin"))
+    return np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), x_test, y_test
+
+
+def load_hub() -> tuple[np.ndarray, ...]:
+    try:
+        import datasets
+        ds = datasets.load_dataset("uoft-cs/cifar10")
+        splits = [ds[s].with_format("numpy") for s in ("train", "test")]
+        arrays = [(np.stack(list(s["img"])).astype(np.uint8), np.asarray(s["label"], dtype=np.int64)) for s in splits]
+    except Exception as e:  # offline, no Pillow to decode the PNGs, hub errors: all end the same way
+        raise RuntimeError(
+            f"could not load CIFAR-10 from the Hugging Face hub ({type(e).__name__}: {e}). Pass --data with a local "
+            "copy: a folder holding data_batch_*.bin / test_batch.bin, or an .npz with x_train/y_train/x_test/y_test."
+        ) from e
+    return arrays[0][0], arrays[0][1], arrays[1][0], arrays[1][1]
+
+
+def load_cifar(data: str | None) -> tuple[np.ndarray, ...]:
+    """Returns x_train (N, 32, 32, 3) uint8, y_train (N,) int64, x_test, y_test from --data or the hub."""
+    if data is None:
+        arrays = load_hub()
+    elif os.path.isdir(data):
+        arrays = load_binary_dir(data)
+    elif data.endswith(".npz") and os.path.isfile(data):
+        arrays = load_npz(data)
+    else:
+        raise FileNotFoundError(f"--data {data}: not a folder of binary batches nor an existing .npz file")
+    for name, x in zip(("x_train", "x_test"), arrays[::2]):
+        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3):
+            raise ValueError(f"--data {data}: {name} must be uint8 of shape (N, 32, 32, 3), got {x.dtype} {x.shape}")
+    return arrays
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding by ``pad`` pixels and random horizontal flip, one draw per image.
+
+    x: (B, C, H, W) -> (B, C, H, W). Zero is the mean after normalisation, so padding adds no signal.
+    """
+    B, C, H, W = x.shape
+    dev = x.device
+    off = torch.randint(0, 2 * pad + 1, (2, B), generator=generator, device=dev)
+    flip = torch.rand(B, generator=generator, device=dev) < 0.5
+    rows = off[0, :, None] + torch.arange(H, device=dev)  # (B, H) rows of the padded image to keep
+    cols = off[1, :, None] + torch.arange(W, device=dev)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(-1), cols)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    out = xp[torch.arange(B, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+def to_sequence(x_uint8: torch.Tensor, grayscale: bool) -> torch.Tensor:
+    """(B, 32, 32, 3) uint8 HWC -> normalised (B, 3, 32, 32) float, or (B, 1, 32, 32) in grayscale."""
+    x = x_uint8.permute(0, 3, 1, 2).float() / 255
+    if grayscale:  # ITU-R 601 luma, as in the usual sequential-CIFAR setup
+        x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3] - GRAY_MEAN) / GRAY_STD
+    else:
+        x = (x - x.new_tensor(RGB_MEAN)[:, None, None]) / x.new_tensor(RGB_STD)[:, None, None]
+    return x
+
+
+def flatten(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L = H*W, C), pixels in row-major (raster) order."""
+    return x.flatten(2).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class LongConv(nn.Module):
+    """Explicit long convolution over time, ``channels`` kernels per model channel.
+
+    Kernel taps: ``kernel[c, h, 0, j]`` is lag j (output t reads input t - j, j = 0 .. l_max - 1); when
+    bidirectional, ``kernel[c, h, 1, j]`` is lag -(j + 1) (output t reads input t + j + 1). For L < l_max only
+    the first L (resp. L - 1) taps are used, so the causal layer never reads the future.
+    """
+
+    def __init__(self, d_model: int, l_max: int, *, channels: int = 2, bidirectional: bool = True, dropout: float = 0.1,
+                 kernel_lam: float = 1e-3, kernel_dropout: float = 0.2, kernel_smooth: int = 0):
+        super().__init__()
+        self.bidirectional, self.kernel_lam, self.kernel_smooth = bidirectional, kernel_lam, kernel_smooth
+        self.kernel = nn.Parameter(0.002 * torch.randn(channels, d_model, 2 if bidirectional else 1, l_max))
+        self.D = nn.Parameter(torch.randn(channels, d_model))
+        self.kernel_drop, self.drop = nn.Dropout(kernel_dropout), nn.Dropout(dropout)
+        self.out_proj = nn.Linear(channels * d_model, 2 * d_model)
+
+    def regularised_kernel(self) -> torch.Tensor:
+        """(channels, D, sides, l_max): optional moving average, squash k <- sign(k) relu(|k| - lam), dropout."""
+        k = self.kernel
+        if self.kernel_smooth > 1:  # odd window, same length out, each side smoothed on its own
+            w = self.kernel_smooth | 1
+            k = F.avg_pool1d(k.flatten(0, 2)[:, None], w, stride=1, padding=w // 2, count_include_pad=False).view_as(k)
+        k = torch.sign(k) * F.relu(k.abs() - self.kernel_lam)
+        return self.kernel_drop(k)
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, D) -> y: (B, channels, D, L), y[:, c, d, t] = sum_j k[c, d, j] x[:, t - j, d] + D[c, d] x[:, t, d].
+
+        The sum runs over j = 0 .. t (causal) or over every lag -(L - 1) .. L - 1 (bidirectional). Computed by
+        FFT in float32 (float64 for float64 inputs), outside autocast.
+        """
+        B, L, H = x.shape
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        k = self.regularised_kernel().to(work)
+        # The skip term D * x is the lag-0 tap of the same convolution, so it rides along in the FFT.
+        causal_half = torch.cat([k[:, :, 0, :1] + self.D[..., None].to(work), k[:, :, 0, 1:L]], -1)
+        if self.bidirectional:
+            # Circular layout for an FFT of size n = 2L: index j holds lag j, index n - j holds lag -j (0 < j < L);
+            # index L stays zero, so nothing wraps around.
+            anti = k[:, :, 1, : L - 1].flip(-1)
+            k_full = torch.cat([causal_half, causal_half.new_zeros(*k.shape[:2], 1), anti], -1)
+        else:
+            k_full = causal_half  # zero-padded to n = 2L by rfft: a linear, causal convolution
+        n = 2 * L
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u = x.to(work).transpose(1, 2)[:, None]  # (B, 1, D, L)
+            return torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k_full, n=n), n=n)[..., :L]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, D): conv, GELU, dropout, Linear(channels * D -> 2D), GLU."""
+        y = self.conv(x).flatten(1, 2).transpose(1, 2).to(x.dtype)  # (B, L, channels * D)
+        y = self.drop(F.gelu(y))
+        return F.glu(self.out_proj(y), dim=-1)
+
+
+class LongConvClassifier(nn.Module):
+    """x: (B, L, d_input) -> logits (B, n_classes); ``features`` gives the per-position states (B, L, D)."""
+
+    def __init__(self, d_input: int, n_classes: int = 10, *, d_model: int = 256, n_layers: int = 6, l_max: int = 1024,
+                 dropout: float = 0.1, prenorm: bool = False, **conv_kwargs):
+        super().__init__()
+        self.prenorm = prenorm
+        self.encoder = nn.Linear(d_input, d_model)
+        self.convs = nn.ModuleList(LongConv(d_model, l_max, dropout=dropout, **conv_kwargs) for _ in range(n_layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
+        self.drop = nn.Dropout(dropout)
+        self.decoder = nn.Linear(d_model, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(x)
+        for conv, norm in zip(self.convs, self.norms):
+            z = conv(norm(h) if self.prenorm else h)
+            h = h + self.drop(z)
+            h = h if self.prenorm else norm(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.features(x).mean(1))
+
+
+# ------------------------------------------------------------------------------------------- training
+def make_optimizer(model: LongConvClassifier, args) -> torch.optim.AdamW:
+    """Kernels get their own lr and no weight decay; every other parameter the base lr and decay."""
+    kernels = [p for n, p in model.named_parameters() if n.endswith(".kernel")]
+    others = [p for n, p in model.named_parameters() if not n.endswith(".kernel")]
+    return torch.optim.AdamW([{"params": others}, {"params": kernels, "lr": args.kernel_lr, "weight_decay": 0.0}],
+                             lr=args.lr, weight_decay=args.weight_decay)
+
+
+def batches(x, y, batch_size, generator=None):
+    order = torch.randperm(len(x), generator=generator) if generator is not None else torch.arange(len(x))
+    for i in range(0, len(x), batch_size):
+        idx = order[i: i + batch_size]
+        yield x[idx], y[idx]
+
+
+def train_epoch(model, opt, sched, x, y, args, gen, aug_gen, device, progress=None) -> float:
+    """One pass over (x uint8 (N, 32, 32, 3), y (N,)) in the order drawn from ``gen`` (CPU), augmentation drawn
+    from ``aug_gen`` (on ``device``); returns the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    task = progress.add_task("train", total=math.ceil(len(x) / args.batch_size)) if progress else None
+    for xb, yb in batches(x, y, args.batch_size, gen):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        img = to_sequence(xb, args.grayscale)
+        if not args.no_augment:
+            img = augment(img, aug_gen)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = F.cross_entropy(model(flatten(img)), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total, count = total + loss.item() * len(yb), count + len(yb)
+        if progress:
+            progress.update(task, advance=1, description=f"train loss {total / count:.3f}")
+    if progress:
+        progress.remove_task(task)
+    return total / count
+
+
+@torch.no_grad()
+def evaluate(model, x, y, args, device) -> tuple[float, float]:
+    """Returns (mean loss, accuracy) on uint8 images x (N, 32, 32, 3) without augmentation."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for xb, yb in batches(x, y, 2 * args.batch_size):
+        xb, yb = xb.to(device), yb.to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(flatten(to_sequence(xb, args.grayscale))).float()
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(-1) == yb).sum().item()
+    return loss / len(x), correct / len(x)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None, help="an .npz or a folder of CIFAR-10 binary batches; default: the HF hub")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=6)
+    p.add_argument("--channels", type=int, default=2, help="kernels per model channel")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--kernel-dropout", type=float, default=0.2)
+    p.add_argument("--kernel-lam", type=float, default=1e-3, help="squash threshold on kernel taps")
+    p.add_argument("--kernel-smooth", type=int, default=0, help="moving-average window on the kernel (0: off)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--kernel-lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warmup before the cosine decay")
+    p.add_argument("--prenorm", action="store_true", help="normalise before each layer (default: after, post-norm)")
+    direction = p.add_mutually_exclusive_group()
+    direction.add_argument("--bidirectional", dest="bidirectional", action="store_true", default=True)
+    direction.add_argument("--causal", dest="bidirectional", action="store_false")
+    p.add_argument("--grayscale", action="store_true", help="one luma channel (the sequential-CIFAR benchmark)")
+    p.add_argument("--no-augment", action="store_true", help="turn off random crop + horizontal flip")
+    p.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--max-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--history", default=None, help="write the per-epoch curve as JSON to this path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Trains and tests. Returns {"history": [{epoch, seconds, train_loss, test_loss, test_acc}, ...] (epoch 0 is
+    the untrained model; seconds count from before it), "test_acc": the last epoch's, "model": the trained model}."""
+    args = parse_args(argv)
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_cifar(args.data))
+    x_train, y_train = x_train[: args.max_train], y_train[: args.max_train]
+    x_test, y_test = x_test[: args.max_test], y_test[: args.max_test]
+    if device.type == "cuda":  # the whole uint8 set fits on the GPU; batches are then gathered there
+        x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
+
+    model = LongConvClassifier(1 if args.grayscale else 3, d_model=args.d_model, n_layers=args.n_layers,
+                               dropout=args.dropout, prenorm=args.prenorm, channels=args.channels,
+                               bidirectional=args.bidirectional, kernel_lam=args.kernel_lam,
+                               kernel_dropout=args.kernel_dropout, kernel_smooth=args.kernel_smooth).to(device)
+    opt = make_optimizer(model, args)
+    steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
+    total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
+    n_params = sum(p.numel() for p in model.parameters())
+    console.print(f"{len(x_train)} train / {len(x_test)} test images, {n_params:,} parameters, device {device}, "
+                  f"{'bidirectional' if args.bidirectional else 'causal'}, {'grayscale' if args.grayscale else 'RGB'}")
+
+    gen = torch.Generator().manual_seed(args.seed)
+    aug_gen = torch.Generator(device).manual_seed(args.seed + 1)
+    # Wall seconds, and this process's CPU seconds (all threads) as a measure that other load on the machine does not inflate.
+    history, start, cpu_start = [], time.perf_counter(), time.process_time()
+    with Progress(console=console, transient=True, disable=args.quiet) as progress:
+        for epoch in range(args.epochs + 1):  # epoch 0: the untrained model, the start of the curve
+            train_loss = train_epoch(model, opt, sched, x_train, y_train, args, gen, aug_gen, device, progress) if epoch else None
+            test_loss, test_acc = evaluate(model, x_test, y_test, args, device)
+            history.append(dict(epoch=epoch, seconds=round(time.perf_counter() - start, 1),
+                                cpu_seconds=round(time.process_time() - cpu_start, 1), train_loss=train_loss,
+                                test_loss=test_loss, test_acc=test_acc))
+            console.print(f"epoch {epoch:3d}  {history[-1]['seconds']:7.1f}s ({history[-1]['cpu_seconds']:.0f} CPU s)  train loss "
+                          f"{'-' if train_loss is None else f'{train_loss:.4f}'}  test loss {test_loss:.4f}  "
+                          f"test acc {100 * test_acc:.2f}%")
+    if args.history:
+        with open(args.history, "w") as f:
+            json.dump({"args": vars(args), "history": history}, f, indent=1)
+    console.print(f"final test accuracy: {100 * history[-1]['test_acc']:.2f}% after {args.epochs} epochs, "
+                  f"{history[-1]['seconds']:.0f}s")
+    return {"history": history, "test_acc": history[-1]["test_acc"], "model": model}
+
+
+if __name__ == "__main__":
+    main()
