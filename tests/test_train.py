@@ -88,3 +88,23 @@ def test_ddp_two_cpu_processes(tmp_path):
                      "~callbacks.rich_model_summary", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "test/accuracy" in res.stdout
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard"])
+def test_loggers_write_into_the_run_dir(tmp_path, logger):
+    overrides = [o for o in tiny_overrides(tmp_path) if o != "logger=none"]
+    cfg = compose_cfg(overrides + [f"logger={logger}", "trainer.max_steps=2", "test_after_fit=false"], output_dir=tmp_path)
+    run(cfg)
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and "checkpoints" not in p.parts]
+    assert files, f"logger={logger} wrote nothing under the run dir"
+
+
+def test_wandb_logger_is_offline_without_api_key(tmp_path, monkeypatch):
+    from hydra.utils import instantiate
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = compose_cfg(["logger=wandb"], output_dir=tmp_path)
+    logger = instantiate(cfg.logger.wandb)  # the run itself starts lazily, on the first log call
+    assert logger._offline and os.environ["WANDB_MODE"] == "offline"
