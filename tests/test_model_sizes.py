@@ -1,0 +1,92 @@
+"""Parameter counts of the 125M WikiText-103 configs against the published sizes.
+
+Each model is built from its experiment config on the meta device (no memory, no init cost) and
+its count is checked twice: exactly against a closed-form count of REFERENCE.md's layers (so a
+missing or extra parameter in a mixer shows up), and within 3 % of the published size.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import compose_cfg
+from serengeti.models.lm import LMHeadModel
+
+GPT2_VOCAB = 50257
+
+# name -> (experiment overrides, published size, where it is stated)
+CASES = {
+    "transformer": (["experiment=wikitext/transformer"], 125e6, "Transformer 125M (H3 / Hyena papers)"),
+    "h3": (["experiment=wikitext/h3"], 125e6, "H3 125M (H3 paper)"),
+    "hyena": (["experiment=wikitext/hyena"], 125e6, "Hyena 125M (Hyena paper)"),
+    "hybrid_h3": (["experiment=wikitext/hybrid_h3"], 126.1e6, "Hybrid H3 125M, ~126.1M (REFERENCE.md §11)"),
+    "hybrid_hyena": (["experiment=wikitext/hybrid_hyena"], 125e6, "Hyena with the 125M hybrid layout"),
+    # Pile Hyena-small (REFERENCE.md §11): D 864, 18 layers, d_inner 1728, emb_dim 33, w 14, l_max 2048
+    "hyena_small_pile": (
+        ["experiment=wikitext/hyena", "model.d_model=864", "model.n_layer=18", "model.d_inner=1728",
+         "model.mixer.emb_dim=33", "model.mixer.filter_order=64", "model.mixer.w=14",
+         "model.mixer.lr_pos_emb=6e-4", "dataset.seq_len=2048"],
+        153.7e6, "Hyena-small 153.7M (REFERENCE.md §11)",
+    ),
+}
+
+
+def _build_meta(overrides: list[str]) -> tuple[LMHeadModel, dict]:
+    cfg = compose_cfg(overrides)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=False)
+    model_cfg["vocab_size"] = GPT2_VOCAB
+    model_cfg["l_max"] = cfg.dataset.seq_len
+    if model_cfg.get("max_position_embeddings") == "${model.l_max}":
+        model_cfg["max_position_embeddings"] = cfg.dataset.seq_len
+    model_cfg = OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=True)
+    mixer = instantiate(model_cfg.pop("mixer"))
+    with torch.device("meta"):
+        model = LMHeadModel(mixer=mixer, **model_cfg)
+    model_cfg["mixer"] = mixer.keywords | {"_target_": mixer.func.__name__}
+    return model, model_cfg
+
+
+def _mixer_count(name: str, D: int, kw: dict, l_max: int) -> int:
+    """Parameters of one mixer, from the equations of REFERENCE.md §2, §4, §5."""
+    linear = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
+    if name == "Attention":  # Wqkv + out_proj
+        return linear(D, 3 * D) + linear(D, D)
+    if name == "H3":  # q, k, v, output_linear; shift SSM B, C, D_k; diag SSM log(-Re A), Im A, B, C (complex), log dt, D
+        N, H = kw["d_state"], D // kw["head_dim"]
+        return 4 * linear(D, D) + 2 * D * N + D + H * (N // 2) * (1 + 1 + 2 + 2) + 2 * H
+    if name == "Hyena":  # in_proj, short conv, out_proj; filter MLP (+freq), skip bias, trainable z
+        n, W, E = kw["order"], kw["filter_order"], kw["emb_dim"]
+        C = D * (n - 1)
+        mlp = linear(E, W) + 2 * linear(W, W) + W + linear(W, C, bias=False)
+        z = l_max * E if kw["lr_pos_emb"] else 0
+        return linear(D, (n + 1) * D) + (n + 1) * D * (kw["short_filter_order"] + 1) + linear(D, D) + mlp + C + z
+    raise AssertionError(name)
+
+
+def _closed_form(cfg: dict) -> int:
+    D, n_layer, d_inner = cfg["d_model"], cfg["n_layer"], cfg["d_inner"] or 4 * cfg["d_model"]
+    mult = cfg["pad_vocab_size_multiple"]
+    vocab = -(-cfg["vocab_size"] // mult) * mult
+    total = vocab * D + cfg["max_position_embeddings"] * D + 2 * D  # tied embedding/head, positions, ln_f
+    for i in range(n_layer):
+        mlp = D * d_inner + d_inner + d_inner * D + D
+        if i in cfg["attn_layer_idx"]:
+            mixer = _mixer_count("Attention", D, {}, cfg["l_max"])
+        else:
+            mixer = _mixer_count(cfg["mixer"]["_target_"], D, cfg["mixer"], cfg["l_max"])
+        total += mixer + mlp + 4 * D  # two LayerNorms
+    return total
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_125m_parameter_count(name):
+    overrides, published, source = CASES[name]
+    model, cfg = _build_meta(overrides)
+    assert all(p.is_meta for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())  # the tied head is counted once
+    rel = n / published - 1
+    print(f"\n{name}: {n:,} parameters; published {published / 1e6:.1f}M ({source}); {100 * rel:+.2f} %")
+    assert n == _closed_form(cfg)
+    assert abs(rel) <= 0.03, f"{name}: {n:,} parameters is {100 * rel:+.2f} % from {source}"
