@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import torch
 
-from serengeti.models.lm import LMHeadModel
+from serengeti.models.lm import LMHeadModel, build_model
 
 log = logging.getLogger(__name__)
 
@@ -204,13 +204,6 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     model.load_state_dict(full, strict=True)
 
 
-def build_model(cfg: Mapping) -> LMHeadModel:
-    """The LM described by ``cfg["model"]`` (random weights)."""
-    from serengeti.tasks.lm import build_model as build
-
-    return build(dict(cfg["model"]))
-
-
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", tokenizer: Any = None,
                load_tokenizer: bool = True) -> tuple[LMHeadModel, dict, Any]:
     """Load a model for evaluation or generation.
@@ -229,7 +222,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", t
     """
     cfg, state = read_checkpoint(path)
     try:
-        model = build_model(cfg)
+        model = build_model(dict(cfg["model"]))
     except Exception as e:
         raise CheckpointError(f"{path}: cannot build the model from its config ({_first_line(e)})") from e
     load_weights(model, state, path)

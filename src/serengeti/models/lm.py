@@ -183,6 +183,18 @@ class LMHeadModel(nn.Module):
         return self.lm_head(self.ln_f(h + residual))
 
 
+def build_model(model_cfg: dict[str, Any]) -> LMHeadModel:
+    """Build the LM from the resolved ``model`` config (``mixer`` is a Hydra ``_partial_`` node)."""
+    from hydra.utils import instantiate
+
+    cfg = dict(model_cfg)
+    mixer_cfg = cfg.pop("mixer", None)
+    if not isinstance(mixer_cfg, dict) or "_target_" not in mixer_cfg:
+        raise ValueError("model.mixer must be a config with a _target_ (pick one from configs/model/mixer/)")
+    cfg.pop("name", None)
+    return LMHeadModel(mixer=instantiate(mixer_cfg), **cfg)
+
+
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
     """GPT-2 init: Linear/Embedding N(0, 0.02), zero bias; ``out_proj``/``fc2`` weights N(0, 0.02/sqrt(2 n_layer)).
 

@@ -8,22 +8,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from hydra.utils import instantiate
 
-from serengeti.models.lm import LMHeadModel
+from serengeti.models.lm import LMHeadModel, build_model
 from serengeti.optim import build_optimizer, build_scheduler
 
 IGNORE_INDEX = -100
-
-
-def build_model(model_cfg: dict[str, Any]) -> LMHeadModel:
-    """Build the LM from the resolved ``model`` config (``mixer`` is a Hydra ``_partial_`` node)."""
-    cfg = dict(model_cfg)
-    mixer_cfg = cfg.pop("mixer", None)
-    if not isinstance(mixer_cfg, dict) or "_target_" not in mixer_cfg:
-        raise ValueError("model.mixer must be a config with a _target_ (pick one from configs/model/mixer/)")
-    cfg.pop("name", None)
-    return LMHeadModel(mixer=instantiate(mixer_cfg), **cfg)
 
 
 class _Mean(torchmetrics.Metric):
