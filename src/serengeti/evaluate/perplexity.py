@@ -1,0 +1,96 @@
+"""Loss / perplexity / accuracy of a loaded model on a configured dataset.
+
+The numbers come from :class:`~serengeti.tasks.lm.LMTask`'s own validation/test loop (same loss,
+same token-weighted float64 accumulation), so they equal what training logged for the same
+weights and data.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+if TYPE_CHECKING:  # Lightning is imported only when an evaluation runs (generate/export stay light)
+    import pytorch_lightning as pl
+
+SPLITS = ("val", "test")
+
+
+class EvalError(ValueError):
+    """Bad evaluation settings; the message names the key and what was expected."""
+
+
+def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = None) -> pl.LightningDataModule:
+    """Instantiate a (plain, resolved) ``dataset`` config; ``batch_size`` overrides the evaluation batch size."""
+    from hydra.utils import instantiate
+
+    cfg = dict(dataset_cfg)
+    if batch_size is not None:
+        if batch_size < 1:
+            raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+        cfg["batch_size"] = batch_size
+        if "batch_size_eval" in cfg:
+            cfg["batch_size_eval"] = batch_size
+    try:
+        return instantiate(cfg)
+    except Exception as e:  # hydra wraps constructor errors; keep the datamodule's message
+        while e.__cause__ is not None:
+            e = e.__cause__
+        raise EvalError(f"dataset: {e}") from e
+
+
+def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any]) -> None:
+    """Raise :class:`EvalError` if the dataset's vocabulary or length does not fit the checkpoint."""
+    model_cfg = ckpt_cfg["model"]
+    record = ckpt_cfg.get("tokenizer") or {}
+    vocab = int(datamodule.vocab_size)
+    tok = getattr(datamodule, "tokenizer", None)
+    tok_name = f" (dataset.tokenizer={getattr(tok, 'name', '?')!r})" if tok is not None else ""
+    if record.get("vocab_size") is not None and vocab != record["vocab_size"]:
+        raise EvalError(f"the dataset's vocabulary has {vocab} ids{tok_name}, the checkpoint was trained on "
+                        f"{record['vocab_size']} ({record.get('kind')} tokenizer): pick a dataset with the same tokenizer")
+    if vocab > model_cfg["vocab_size"]:
+        raise EvalError(f"the dataset's vocabulary has {vocab} ids{tok_name}, more than the checkpoint's "
+                        f"model.vocab_size={model_cfg['vocab_size']}")
+    if record.get("kind") == "char" and getattr(tok, "fingerprint", None) != record.get("fingerprint"):
+        raise EvalError("the dataset's character vocabulary differs from the checkpoint's (same size, other "
+                        "characters): ids would mean other characters")
+    l_max, data_len = model_cfg.get("l_max"), getattr(datamodule, "l_max", None)
+    if l_max is not None and data_len is not None and data_len > l_max:
+        raise EvalError(f"dataset sequences have {data_len} positions, more than the checkpoint's model.l_max={l_max}: "
+                        "lower dataset.seq_len")
+
+
+def _trainer(device: str, precision: str) -> pl.Trainer:
+    import pytorch_lightning as pl
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    accel = "gpu" if dev.type == "cuda" else dev.type
+    devices = [dev.index] if dev.type == "cuda" and dev.index is not None else 1
+    return pl.Trainer(accelerator=accel, devices=devices, precision=precision, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+
+
+def evaluate_model(model: torch.nn.Module, ckpt_cfg: Mapping[str, Any], datamodule, *, split: str = "val",
+                   device: str = "auto", precision: str = "32-true") -> dict[str, float]:
+    """``{"<split>/loss", "<split>/perplexity", "<split>/accuracy"}`` of ``model`` on ``datamodule``.
+
+    Args:
+        model: the LM (eval mode is set by Lightning). ckpt_cfg: its plain config (``model`` etc.).
+        datamodule: built from a ``dataset`` config. split: ``val`` or ``test``.
+    """
+    if split not in SPLITS:
+        raise EvalError(f"split={split!r} must be one of {SPLITS}")
+    from serengeti.tasks.lm import LMTask
+
+    check_compatible(datamodule, ckpt_cfg)
+    task = LMTask(dict(ckpt_cfg), model=model)
+    trainer = _trainer(device, precision)
+    run = trainer.validate if split == "val" else trainer.test
+    roles = getattr(datamodule, "roles", None)
+    if roles is not None and roles.get(split) is None:
+        raise EvalError(f"the dataset has no {split} split (dataset.{split}_split is null)")
+    results = run(task, datamodule=datamodule, verbose=False)
+    return {k: float(v) for k, v in results[0].items()}

@@ -1,0 +1,189 @@
+"""evaluate.py's tasks: ``evaluate`` (loss/perplexity/accuracy), ``generate``, ``export``, ``lm_eval``.
+
+Each task takes the composed ``configs/evaluate.yaml`` and returns a dict of results;
+:func:`main` turns bad input into a one-line error and a non-zero exit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from serengeti.checkpoint import CheckpointError, export, load_model
+from serengeti.evaluate.perplexity import EvalError, build_datamodule, evaluate_model
+from serengeti.generation import generate
+
+log = logging.getLogger("serengeti")
+
+
+def _ckpt(cfg: DictConfig) -> str:
+    if not cfg.get("ckpt"):
+        raise EvalError("ckpt is not set: pass ckpt=<.ckpt from train.py or an exported directory>")
+    return str(cfg.ckpt)
+
+
+def _device(cfg: DictConfig) -> str:
+    device = str(cfg.get("device") or "auto")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic: a temporary file in the same directory, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _print_table(title: str, rows: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in rows.items():
+        table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+def task_evaluate(cfg: DictConfig) -> dict:
+    """Loss, perplexity and accuracy on ``split`` of the dataset (the checkpoint's unless ``dataset=`` is given)."""
+    path = _ckpt(cfg)
+    model, ckpt_cfg, _ = load_model(path, load_tokenizer=False)
+    if cfg.get("dataset") is not None:
+        dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+    elif ckpt_cfg.get("dataset") is not None:
+        dataset_cfg = ckpt_cfg["dataset"]
+    else:
+        raise EvalError(f"{path} records no dataset: pass dataset=<name> (one of configs/dataset/)")
+    start = time.time()
+    datamodule = build_datamodule(dataset_cfg, cfg.get("batch_size"))
+    metrics = evaluate_model(model, ckpt_cfg, datamodule, split=cfg.split, device=_device(cfg),
+                             precision=str(cfg.precision))
+    result = {"ckpt": path, "dataset": dataset_cfg.get("_target_"), "split": cfg.split, **metrics,
+              "wall_s": time.time() - start}
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "metrics.json"
+    _write_json(out, result)
+    _print_table(f"{Path(path).name} on {str(dataset_cfg.get('_target_')).rsplit('.', 1)[-1]} ({cfg.split})", metrics)
+    print(f"[serengeti] metrics written to {out}")
+    return result
+
+
+def _prompt_ids(cfg: DictConfig, tokenizer, vocab_size: int) -> list[int]:
+    prompt = cfg.get("prompt")
+    if prompt is None or str(prompt) == "":
+        eos = getattr(tokenizer, "eos_id", None)
+        if eos is None:
+            raise EvalError('prompt is empty: pass prompt="..." (token ids separated by spaces for this checkpoint)'
+                            if tokenizer is None else 'prompt is empty: pass prompt="..."')
+        return [eos]  # unconditional sampling starts after an end-of-text token
+    if tokenizer is None:
+        try:
+            ids = [int(t) for t in str(prompt).split()]
+        except ValueError:
+            raise EvalError(f"prompt={prompt!r}: this checkpoint has no text tokenizer (synthetic task); give token ids "
+                            "separated by spaces, e.g. prompt='3 1 4'") from None
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise EvalError(f"prompt token ids {bad} are outside the vocabulary [0, {vocab_size})")
+        return ids
+    try:
+        return tokenizer.encode_batch([str(prompt)])[0]
+    except ValueError as e:
+        raise EvalError(f"prompt: {e}") from None
+
+
+def task_generate(cfg: DictConfig) -> dict:
+    """Sample ``max_new_tokens`` after ``prompt`` with the recurrent mode (KV cache / SSM state / conv history)."""
+    path = _ckpt(cfg)
+    device = _device(cfg)
+    model, ckpt_cfg, tokenizer = load_model(path, device=device, tokenizer=cfg.get("tokenizer"))
+    ids = _prompt_ids(cfg, tokenizer, model.vocab_size)
+    l_max = ckpt_cfg["model"].get("l_max")
+    if l_max is not None and len(ids) > l_max:
+        raise EvalError(f"prompt has {len(ids)} tokens, longer than the model's maximum model.l_max={l_max}")
+    if l_max is not None and len(ids) + cfg.max_new_tokens - 1 > l_max:
+        raise EvalError(f"prompt ({len(ids)} tokens) + max_new_tokens={cfg.max_new_tokens} exceeds the model's maximum "
+                        f"model.l_max={l_max}: lower max_new_tokens to at most {l_max - len(ids) + 1}")
+    n = int(cfg.get("num_samples") or 1)
+    prompt = torch.tensor([ids] * n, dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    try:
+        gen = generate(model, prompt, int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_k=cfg.get("top_k"),
+                       top_p=cfg.get("top_p"), generator=g, max_len=l_max)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    decode: Callable = tokenizer.decode if tokenizer is not None else (lambda t: " ".join(map(str, t)))
+    texts = [decode(row.tolist()) for row in gen.tokens.cpu()]
+    prompt_text = str(cfg.get("prompt") or "")
+    for text in texts:
+        print(prompt_text + ("" if tokenizer is not None else " ") + text if prompt_text else text)
+        print("-" * 40)
+    tok_s = n * (gen.tokens.shape[1] - 1) / gen.decode_s if gen.decode_s > 0 else math.nan
+    print(f"[serengeti] prompt {len(ids)} tokens, prefill {1e3 * gen.prefill_s:.1f} ms, "
+          f"{gen.ms_per_token:.2f} ms/token, {tok_s:.1f} tokens/s")
+    return {"prompt_ids": ids, "tokens": gen.tokens.tolist(), "texts": texts, "prefill_s": gen.prefill_s,
+            "ms_per_token": gen.ms_per_token, "tokens_per_s": tok_s}
+
+
+def task_export(cfg: DictConfig) -> dict:
+    """Write ``out`` = ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) from ``ckpt``."""
+    path = _ckpt(cfg)
+    if not cfg.get("out"):
+        raise EvalError("out is not set: pass out=<directory to write the exported model to>")
+    out = export(path, cfg.out, overwrite=bool(cfg.get("overwrite")))
+    print(f"[serengeti] exported {path} -> {out}")
+    return {"ckpt": path, "out": str(out)}
+
+
+def task_lm_eval(cfg: DictConfig) -> dict:
+    """Zero-shot downstream tasks through the lm-evaluation-harness adapter."""
+    from serengeti.evaluate.lm_eval_adapter import run_lm_eval
+
+    path = _ckpt(cfg)
+    model, _, tokenizer = load_model(path, device=_device(cfg), tokenizer=cfg.get("tokenizer"))
+    if tokenizer is None:
+        raise EvalError(f"{path} has no text tokenizer (synthetic task); lm_eval needs one: pass tokenizer=<spec>")
+    tasks = OmegaConf.to_container(cfg.tasks, resolve=True) if OmegaConf.is_config(cfg.get("tasks")) else cfg.get("tasks")
+    results = run_lm_eval(model, tokenizer, tasks, num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"),
+                          batch_size=int(cfg.get("batch_size") or 8), device=_device(cfg))
+    metrics = results.get("results", {})
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "lm_eval.json"
+    _write_json(out, json.loads(json.dumps(metrics, default=str)))
+    for task_name, values in metrics.items():
+        _print_table(task_name, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+TASKS: dict[str, Callable[[DictConfig], dict]] = {
+    "evaluate": task_evaluate, "generate": task_generate, "export": task_export, "lm_eval": task_lm_eval,
+}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run ``cfg.task``; raises :class:`EvalError` / :class:`CheckpointError` on bad input."""
+    task = cfg.get("task")
+    if task not in TASKS:
+        raise EvalError(f"task={task!r} is not one of {sorted(TASKS)}")
+    return TASKS[task](cfg)
+
+
+def main(cfg: DictConfig) -> float | None:
+    """Hydra task function: the evaluation loss (task=evaluate), else None; bad input exits with its message."""
+    try:
+        result = run(cfg)
+    except (EvalError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    value = result.get(f"{cfg.get('split')}/loss") if cfg.get("task") == "evaluate" else None
+    return None if value is None else float(value)

@@ -1,0 +1,120 @@
+"""evaluate.py end to end on CPU: train -> evaluate (= logged val loss) -> export -> evaluate -> generate; errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from conftest import CONFIG_DIR, ROOT, compose_cfg
+from serengeti.checkpoint import CheckpointError
+from serengeti.evaluate.perplexity import EvalError
+from serengeti.evaluate.run import run as evaluate
+from serengeti.train import run as train
+
+
+def eval_cfg(overrides: list[str], output_dir: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+_QUIET = ["logger=none", "trainer.enable_progress_bar=false", "~callbacks.rich_model_summary",
+          "~callbacks.rich_progress_bar", "test_after_fit=false"]
+
+
+def _train(tmp_path: Path, overrides: list[str]) -> tuple[dict, Path]:
+    """Train until one validation pass at the very end; return the final metrics and last.ckpt."""
+    cfg = compose_cfg(_QUIET + overrides, output_dir=tmp_path / "run")
+    metrics = train(cfg)
+    return metrics, tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ar")
+    # 32 examples / batch 8 = 4 steps: the run ends with the epoch's validation pass
+    metrics, ckpt = _train(tmp, ["dataset.num_examples=32", "dataset.num_test_examples=16", "dataset.batch_size=8",
+                                 "trainer.max_steps=4"])
+    assert "val/loss" in metrics, "the tiny run must end with a validation pass"
+    return metrics, ckpt
+
+
+def test_evaluate_export_generate_round_trip(trained, tmp_path):
+    metrics, ckpt = trained
+    res = evaluate(eval_cfg([f"ckpt={ckpt}"], tmp_path / "e1"))
+    assert abs(res["val/loss"] - metrics["val/loss"]) <= 1e-4
+    assert abs(res["val/accuracy"] - metrics["val/accuracy"]) <= 1e-4
+    saved = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert saved["val/loss"] == res["val/loss"] and saved["split"] == "val"
+
+    out = tmp_path / "export"
+    evaluate(eval_cfg(["task=export", f"ckpt={ckpt}", f"out={out}"], tmp_path / "x"))
+    res2 = evaluate(eval_cfg([f"ckpt={out}", "batch_size=5", f"out={tmp_path / 'm2.json'}"], tmp_path / "e2"))
+    assert abs(res2["val/loss"] - metrics["val/loss"]) <= 1e-4 and (tmp_path / "m2.json").is_file()
+
+    gen = evaluate(eval_cfg(["task=generate", f"ckpt={out}", "prompt='1 2 3 4'", "max_new_tokens=5", "temperature=0"],
+                            tmp_path / "g"))
+    assert len(gen["tokens"][0]) == 5 and all(0 <= t < 10 for t in gen["tokens"][0])
+    sampled = [evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='1 2'", "max_new_tokens=8", "seed=3",
+                                  "top_k=4", "top_p=0.9"], tmp_path / "g")) for _ in range(2)]
+    assert sampled[0]["tokens"] == sampled[1]["tokens"]  # seeded
+
+
+def test_evaluate_errors(trained, tmp_path):
+    _, ckpt = trained
+    with pytest.raises(EvalError, match="task='nope' is not one of"):
+        evaluate(eval_cfg(["task=nope", f"ckpt={ckpt}"], tmp_path))
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*missing.ckpt"):
+        evaluate(eval_cfg([f"ckpt={tmp_path / 'missing.ckpt'}"], tmp_path))
+    with pytest.raises(EvalError, match="ckpt is not set"):
+        evaluate(eval_cfg([], tmp_path))
+    with pytest.raises(EvalError, match="vocabulary has 20 ids.*trained on 10"):
+        evaluate(eval_cfg([f"ckpt={ckpt}", "dataset=induction_head"], tmp_path))
+    with pytest.raises(EvalError, match="longer than the model's maximum model.l_max=66"):
+        evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='" + " ".join(["1"] * 70) + "'"], tmp_path))
+    with pytest.raises(EvalError, match="exceeds the model's maximum model.l_max=66"):
+        evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='1 2'", "max_new_tokens=70"], tmp_path))
+    with pytest.raises(EvalError, match="token ids separated by spaces"):
+        evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt=hello"], tmp_path))
+    with pytest.raises(EvalError, match="outside the vocabulary"):
+        evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='12'"], tmp_path))
+
+
+def test_char_model_text_in_text_out(shared_data, tmp_path):
+    """Tiny Shakespeare (char tokenizer): the tokenizer travels in the checkpoint and the export."""
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    metrics, ckpt = _train(tmp_path, ["dataset=tinyshakespeare", f"dataset.path={text}", "dataset.seq_len=32",
+                                      "dataset.batch_size=4", "+dataset.max_eval_tokens=2048", "trainer.max_steps=3",
+                                      "trainer.limit_train_batches=3", f"paths.cache_dir={tmp_path / 'cache'}",
+                                      "model=transformer", "model.d_model=16"])
+    res = evaluate(eval_cfg([f"ckpt={ckpt}"], tmp_path / "e"))
+    assert abs(res["val/loss"] - metrics["val/loss"]) <= 1e-4
+    out = tmp_path / "export"
+    evaluate(eval_cfg(["task=export", f"ckpt={ckpt}", f"out={out}"], tmp_path / "x"))
+    gen = evaluate(eval_cfg(["task=generate", f"ckpt={out}", "prompt='ROMEO:'", "max_new_tokens=10", "seed=0"],
+                            tmp_path / "g"))
+    assert len(gen["texts"][0]) == 10  # one character per token, decoded by the checkpoint's own alphabet
+    with pytest.raises(EvalError, match="prompt: character '€' is not in the character vocabulary"):
+        evaluate(eval_cfg(["task=generate", f"ckpt={out}", "prompt='€'"], tmp_path / "g"))
+    wikitext = shared_data / "wikitext" / "wikitext-2-raw"
+    with pytest.raises(EvalError, match="50257 ids .*trained on 65"):
+        evaluate(eval_cfg([f"ckpt={ckpt}", "dataset=wikitext2", f"dataset.path={wikitext}",
+                           f"dataset.tokenizer={shared_data / 'gpt2'}", "dataset.train_split=null"], tmp_path / "w"))
+
+
+def test_cli_reports_bad_input(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0")
+    res = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"ckpt={tmp_path / 'none.ckpt'}",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode != 0 and "error: checkpoint not found" in res.stderr and "none.ckpt" in res.stderr
