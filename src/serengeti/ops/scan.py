@@ -9,18 +9,18 @@ scan in S5 (``B̄u`` and ``C̃x``) are plain matmuls on contiguous memory::
 Two parallel methods:
 
 * ``"chunked"`` (time-invariant ``a`` only; the default for it). Cut time into chunks of ``T``
-  steps. Inside a chunk the recurrence has the closed form ``x_t = sum_{s<=t} a^(t-s) b_s +
-  a^(t+1) x_in``: one small lower-triangular Toeplitz matmul per state (``M[t, s] = a^(t-s)``),
-  i.e. parallel work. The chunk end states obey the same recurrence with ``a^T``, solved by the
-  same function on a sequence ``T`` times shorter (log_T(L) levels), then broadcast back::
+  steps. The local states of all chunks come from one loop of ``T`` fused multiply-adds, each
+  vectorized over every chunk, batch element and state (so the Python loop is ``T`` long, not
+  ``L``). The chunk end states obey the same recurrence with ``a^T``, solved by the same function
+  on a sequence ``T`` times shorter (log_T(L) levels), then broadcast back::
 
-        b  |----T----|----T----|----T----|      local  = M @ b            (per chunk, parallel)
-        ends            e0        e1        e2   h_c    = a^T h_{c-1} + e_c (recursion, L/T long)
-        x  = local + a^(t+1) * h_{c-1}                                     (fix-up, parallel)
+        b  |----T----|----T----|----T----|      local_t = a local_{t-1} + b_t   (T steps, all chunks)
+        ends            e0        e1        e2   h_c    = a^T h_{c-1} + e_c    (recursion, L/T long)
+        x  = local + a^(t+1) * h_{c-1}                                         (fix-up, parallel)
 
-  Work O(L T P), extra memory O(L P) (no log L factor). A custom backward runs the adjoint
-  recurrence (a reverse scan with ``conj(a)``) through the same code, and only saves the output
-  ``x``, which a following ``C̃x`` product keeps alive anyway.
+  Work O(L P), extra memory O(L P) (no log L factor), no autograd graph: a custom backward runs
+  the adjoint recurrence (a reverse scan with ``conj(a)``) through the same code and only saves
+  the output ``x``, which a following ``C̃x`` product keeps alive anyway.
 * ``"log"``: a log-depth odd/even associative scan (work O(L P), ``log2 L`` levels) with the
   operator ``(a_i, b_i) ∘ (a_j, b_j) = (a_j a_i, a_j b_i + b_j)``; accepts per-step ``a``;
   differentiated by autograd.
@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_SIZE = 16  # fastest for fwd+bwd on CPU at P = 16 ... 64, L = 1K ... 64K (benchmarks/scan.py)
+CHUNK_SIZE = 64  # chunk length T of the chunked scan; T = 32 ... 128 are within noise (benchmarks/scan.py)
 
 
 def linear_scan(
@@ -109,31 +109,42 @@ def _powers(a: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([torch.ones_like(a)[None], torch.cumprod(a.expand(n, -1), dim=0)])
 
 
+def _sequential(a: torch.Tensor, b: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """The recurrence along dim -2 as a loop of ``L`` fused multiply-adds, each vectorized over
+    every other dimension, written into one preallocated output (no autograd). a: (P,)."""
+    out = torch.empty_like(b)
+    L = b.shape[-2]
+    order = range(L - 1, -1, -1) if reverse else range(L)
+    prev = None
+    for t in order:
+        if prev is None:
+            out[..., t, :] = b[..., t, :]
+        else:
+            torch.addcmul(b[..., t, :], out[..., prev, :], a, out=out[..., t, :])
+        prev = t
+    return out
+
+
 def _chunked(a: torch.Tensor, b: torch.Tensor, reverse: bool, T: int) -> torch.Tensor:
     """Chunked scan without autograd. a: (P,), b: (..., L, P) -> (..., L, P)."""
     L = b.shape[-2]
-    T = min(T, L)
+    if L <= T:
+        return _sequential(a, b, reverse)
     pad = -L % T
     if pad:
         # Zeros after the end change nothing in either direction.
         b = F.pad(b, (0, 0, 0, pad))
     n_chunks = b.shape[-2] // T
-    bc = b.unflatten(-2, (n_chunks, T))  # (..., C, T, P)
+    # Local states of every chunk at once: T steps, each over all chunks (and batch, states).
+    x = _sequential(a, b.unflatten(-2, (n_chunks, T)), reverse)  # (..., C, T, P)
     pw = _powers(a, T)  # (T + 1, P)
-    idx = torch.arange(T, device=b.device)
-    lag = idx[:, None] - idx[None, :]  # lag[t, s] = t - s
-    if reverse:
-        lag = -lag
-    M = pw[lag.clamp(min=0)] * (lag >= 0).unsqueeze(-1)  # (T, T, P): a^(t-s) on the causal side
-    x = torch.einsum("tsp,...csp->...ctp", M, bc)
-    if n_chunks > 1:
-        # State entering each chunk from its neighbour: carry_c = a^T carry_{c-1} + end_c.
-        edge = x[..., 0, :] if reverse else x[..., -1, :]  # (..., C, P)
-        carry = _chunked(pw[T], edge, reverse, T)
-        zero = torch.zeros_like(carry[..., :1, :])
-        incoming = torch.cat([carry[..., 1:, :], zero] if reverse else [zero, carry[..., :-1, :]], dim=-2)
-        decay = pw[1:].flip(0) if reverse else pw[1:]  # (T, P): a^(t+1), or a^(T-t) backwards
-        x = x + decay * incoming.unsqueeze(-2)
+    # State entering each chunk from its neighbour: carry_c = a^T carry_{c-1} + end_c.
+    edge = x[..., 0, :] if reverse else x[..., -1, :]  # (..., C, P)
+    carry = _chunked(pw[T], edge, reverse, T)
+    zero = torch.zeros_like(carry[..., :1, :])
+    incoming = torch.cat([carry[..., 1:, :], zero] if reverse else [zero, carry[..., :-1, :]], dim=-2)
+    decay = pw[1:].flip(0) if reverse else pw[1:]  # (T, P): a^(t+1), or a^(T-t) backwards
+    x.addcmul_(decay, incoming.unsqueeze(-2))
     x = x.flatten(-3, -2)
     return x[..., :L, :] if pad else x
 
