@@ -293,3 +293,26 @@ def _save(tmp_path, sd):
     path = tmp_path / "bad.pt"
     torch.save(sd, path)
     return path
+
+
+def test_gpt2_sized_conversion_with_tokenizer(tmp_path, shared_data):
+    """A 50264-row embedding is read as GPT-2 (vocab 50257, padding multiple 8); the tokenizer is
+    copied into the export, and the converted model scores text through the lm-eval adapter."""
+    from serengeti.evaluate.lm_eval_adapter import LMScorer
+
+    g = torch.Generator().manual_seed(9)
+    sd = ref_backbone(1, g)
+    sd["backbone.embeddings.word_embeddings.weight"] = torch.randn(50264, D, generator=g)
+    sd["lm_head.weight"] = sd["backbone.embeddings.word_embeddings.weight"]
+    ref_hyena_layer(sd, "backbone.layers.0.mixer.", g)
+    torch.save(sd, tmp_path / "gpt2.pt")
+    assert main(["--from", "safari-hyena", str(tmp_path / "gpt2.pt"), str(tmp_path / "out"),
+                 "--tokenizer", str(shared_data / "gpt2" / "tokenizer.json")]) == 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    model, cfg, tok = load_model(tmp_path / "out")
+    assert cfg["model"]["vocab_size"] == 50257 and cfg["model"]["pad_vocab_size_multiple"] == 8
+    assert tok is not None and tok.vocab_size == 50257 and tok.eos_id == 50256
+    ((lp, _),) = LMScorer(model, tok).loglikelihood([("Hello", " world")])
+    ids = torch.tensor([[15496, 995]])
+    want = lm_ref(sd, ids, [lambda p, x: hyena_ref(sd, p, x, 2, True)])[0, 0, :50257].log_softmax(-1)[995]
+    assert lp == pytest.approx(want.item(), abs=1e-4)

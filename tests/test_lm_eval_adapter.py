@@ -171,3 +171,41 @@ def test_registered_lm_eval_model(char_tok):
     assert lm.loglikelihood(reqs) == LMScorer(model, char_tok).loglikelihood([r.args for r in reqs])
     roll = [Instance("loglikelihood_rolling", {}, (TEXT,), 0)]
     assert lm.loglikelihood_rolling(roll)[0] == pytest.approx(LMScorer(model, char_tok).loglikelihood_rolling([TEXT])[0])
+
+
+@pytest.mark.slow
+def test_simple_evaluate_on_local_tasks(tmp_path, char_tok):
+    """lm_eval end to end (offline) on local JSON tasks of every request type; the multiple-choice
+    accuracy equals the argmax of the adapter's own log-likelihoods. Slow: lm_eval indexes its tasks."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    rows = [{"q": "the quick brown", "choices": ["fox", "dog"], "label": 0, "answer": "fox"},
+            {"q": "the lazy", "choices": ["fox", "dog", "box"], "label": 1, "answer": "dog"},
+            {"q": "pack my", "choices": ["box", "jugs"], "label": 0, "answer": "box"},
+            {"q": "over the", "choices": ["lazy", "quick", "jugs"], "label": 0, "answer": "lazy"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test"}
+    tasks = [
+        dict(base, task="tiny_mc", output_type="multiple_choice", doc_to_text="{{q}}", doc_to_choice="{{choices}}",
+             doc_to_target="{{label}}", metric_list=[{"metric": "acc"}]),
+        dict(base, task="tiny_roll", output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="{{q}}",
+             metric_list=[{"metric": "word_perplexity"}]),
+        dict(base, task="tiny_gen", output_type="generate_until", doc_to_text="{{q}}", doc_to_target="{{answer}}",
+             generation_kwargs={"until": ["."], "max_gen_toks": 4}, metric_list=[{"metric": "exact_match"}]),
+    ]
+    model = tiny_lm("hyena", char_tok.vocab_size, l_max=32)
+    out = run_lm_eval(model, char_tok, tasks, batch_size=4, bootstrap_iters=0)
+    res = out["results"]
+    scorer = LMScorer(model, char_tok)
+    for sample in out["samples"]["tiny_mc"]:  # per-choice log-likelihoods as lm_eval recorded them
+        r = sample["doc"]
+        want = scorer.loglikelihood([(r["q"], " " + c) for c in r["choices"]])
+        got = [resp[0] for resp in sample["resps"]]
+        assert [float(g[0]) for g in got] == pytest.approx([w[0] for w in want], abs=1e-5)
+    # lm_eval joins context and choice with its default target_delimiter " "
+    acc = sum(max(range(len(r["choices"])), key=lambda c: scorer.loglikelihood([(r["q"], " " + r["choices"][c])])[0][0])
+              == r["label"] for r in rows) / len(rows)
+    assert res["tiny_mc"]["acc,none"] == pytest.approx(acc)
+    assert set(res) == {"tiny_mc", "tiny_roll", "tiny_gen"}
