@@ -149,8 +149,12 @@ class LMHeadModel(nn.Module):
             h = h + self.position_embeddings(pos)
         return h
 
-    def forward(self, input_ids: torch.Tensor, state: GenerationState | None = None) -> torch.Tensor:
-        """input_ids: (B, L) -> logits (B, L, padded_vocab). With ``state``: prefill, state left after the prompt."""
+    def forward(self, input_ids: torch.Tensor, state: GenerationState | None = None, num_last_tokens: int = 0) -> torch.Tensor:
+        """input_ids: (B, L) -> logits (B, L, padded_vocab). With ``state``: prefill, state left after the prompt.
+
+        ``num_last_tokens > 0`` returns only the last positions' logits (B, n, padded_vocab): a prefill
+        needs just the last one, and the LM head over a long prompt would otherwise dominate its cost.
+        """
         offset = state.offset if state is not None else 0
         if state is not None and offset + input_ids.shape[-1] > state.max_len:
             raise ValueError(f"prompt of {input_ids.shape[-1]} tokens after {offset} exceeds the state's max_len={state.max_len}")
@@ -159,6 +163,8 @@ class LMHeadModel(nn.Module):
             h, residual = layer(h, residual, None if state is None else state.layers[i])
         if state is not None:
             state.offset += input_ids.shape[-1]
+        if num_last_tokens > 0:
+            h, residual = h[:, -num_last_tokens:], residual[:, -num_last_tokens:]
         return self.lm_head(self.ln_f(self.drop_f(h) + residual))
 
     @torch.no_grad()
