@@ -43,6 +43,8 @@ def test_greedy_generation_equals_argmax_of_full_forward(name):
         first = model(prompt, state=state)[:, -1, :V]
         steps = [first] + [model.step(seq[:, t], state)[:, :V] for t in range(prompt.shape[1], seq.shape[1] - 1)]
     torch.testing.assert_close(torch.stack(steps, 1), logits[:, prompt.shape[1] - 1:], rtol=1e-7, atol=1e-9)
+    with torch.no_grad():  # the prefill's head runs on the last position only
+        torch.testing.assert_close(model(seq, num_last_tokens=3), model(seq)[:, -3:], rtol=0, atol=0)
 
 
 def test_hybrid_generation():

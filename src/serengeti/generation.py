@@ -95,7 +95,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
     V = model.vocab_size
     start = time.perf_counter()
     state = model.allocate_state(B, max_len=total)
-    logits = model(prompt, state=state)[:, -1, :V]
+    logits = model(prompt, state=state, num_last_tokens=1)[:, -1, :V]
     tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     out = [tok]
     t_prefill = time.perf_counter()
