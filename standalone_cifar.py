@@ -67,17 +67,29 @@ def load_binary_dir(path: str) -> tuple[np.ndarray, ...]:
     return np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), x_test, y_test
 
 
+HUB_DATASET = "uoft-cs/cifar10"
+LOCAL_HINT = ("Pass --data with a local copy instead: a folder holding the official binary batches data_batch_*.bin and "
+              "test_batch.bin, or an .npz with uint8 x_train/x_test (N, 32, 32, 3) and y_train/y_test (this project ships "
+              "a real subset at ../shared/data/cifar10/cifar10_subset.npz).")
+
+
 def load_hub() -> tuple[np.ndarray, ...]:
+    """CIFAR-10 from the Hugging Face hub (parquet shards, PNG images decoded by Pillow); no pickles involved."""
     try:
         import datasets
-        ds = datasets.load_dataset("uoft-cs/cifar10")
+    except ImportError as e:
+        raise RuntimeError(f"loading CIFAR-10 from the hub needs the `datasets` package ({e}). {LOCAL_HINT}") from e
+    console.print(f"loading {HUB_DATASET} from the Hugging Face hub (offline, this fails after a few retries; "
+                  "--data reads a local copy)")
+    try:
+        ds = datasets.load_dataset(HUB_DATASET)
+    except Exception as e:  # no network, hub or cache errors: all end the same way
+        raise RuntimeError(f"could not load CIFAR-10 from the Hugging Face hub ({type(e).__name__}: {e}). {LOCAL_HINT}") from e
+    try:
         splits = [ds[s].with_format("numpy") for s in ("train", "test")]
         arrays = [(np.stack(list(s["img"])).astype(np.uint8), np.asarray(s["label"], dtype=np.int64)) for s in splits]
-    except Exception as e:  # offline, no Pillow to decode the PNGs, hub errors: all end the same way
-        raise RuntimeError(
-            f"could not load CIFAR-10 from the Hugging Face hub ({type(e).__name__}: {e}). Pass --data with a local "
-            "copy: a folder holding data_batch_*.bin / test_batch.bin, or an .npz with x_train/y_train/x_test/y_test."
-        ) from e
+    except ImportError as e:  # the PNG images are decoded by Pillow, which `datasets` imports only now
+        raise RuntimeError(f"decoding the hub's CIFAR-10 images needs Pillow ({e}). {LOCAL_HINT}") from e
     return arrays[0][0], arrays[0][1], arrays[1][0], arrays[1][1]
 
 
@@ -266,35 +278,65 @@ def evaluate(model, x, y, args, device) -> tuple[float, float]:
     return loss / len(x), correct / len(x)
 
 
+def write_json_atomic(path: str, obj) -> None:
+    """Writes JSON to a temporary file beside ``path`` and renames it over ``path``: readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and appends each valued flag's default unless its help names one."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or action.default is argparse.SUPPRESS \
+                or "default" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=None, help="an .npz or a folder of CIFAR-10 binary batches; default: the HF hub")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--channels", type=int, default=2, help="kernels per model channel")
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--kernel-dropout", type=float, default=0.2)
-    p.add_argument("--kernel-lam", type=float, default=1e-3, help="squash threshold on kernel taps")
-    p.add_argument("--kernel-smooth", type=int, default=0, help="moving-average window on the kernel (0: off)")
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--kernel-lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warmup before the cosine decay")
-    p.add_argument("--prenorm", action="store_true", help="normalise before each layer (default: after, post-norm)")
-    direction = p.add_mutually_exclusive_group()
-    direction.add_argument("--bidirectional", dest="bidirectional", action="store_true", default=True)
-    direction.add_argument("--causal", dest="bidirectional", action="store_false")
-    p.add_argument("--grayscale", action="store_true", help="one luma channel (the sequential-CIFAR benchmark)")
-    p.add_argument("--no-augment", action="store_true", help="turn off random crop + horizontal flip")
-    p.add_argument("--max-train", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--max-test", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--history", default=None, help="write the per-epoch curve as JSON to this path")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--data", default=None,
+                      help="local CIFAR-10: an .npz with uint8 x_train/x_test (N, 32, 32, 3) and y_train/y_test, or a folder "
+                           "with data_batch_*.bin and test_batch.bin (the official binary version; pickles are never read). "
+                           f"Default: download {HUB_DATASET} from the Hugging Face hub (needs network, `datasets`, Pillow)")
+    data.add_argument("--grayscale", action="store_true", help="one luma channel (the sequential-CIFAR benchmark)")
+    data.add_argument("--no-augment", action="store_true", help="turn off random crop (4-pixel zero padding) + horizontal flip")
+    data.add_argument("--max-train", type=int, default=None, help="use only the first N training images (default: all)")
+    data.add_argument("--max-test", type=int, default=None, help="use only the first N test images (default: all)")
+    model = p.add_argument_group("model")
+    model.add_argument("--d-model", type=int, default=256, help="model width D")
+    model.add_argument("--n-layers", type=int, default=6, help="number of residual long-convolution layers")
+    model.add_argument("--channels", type=int, default=2, help="kernels per model channel")
+    model.add_argument("--dropout", type=float, default=0.1, help="dropout on activations and residual branches")
+    model.add_argument("--kernel-dropout", type=float, default=0.2, help="dropout on the kernel taps")
+    model.add_argument("--kernel-lam", type=float, default=1e-3, help="squash threshold: taps with |k| below it are zeroed")
+    model.add_argument("--kernel-smooth", type=int, default=0, help="moving-average window on the kernel taps (0: off)")
+    model.add_argument("--prenorm", action="store_true", help="normalise before each layer (default: after, post-norm)")
+    direction = model.add_mutually_exclusive_group()
+    direction.add_argument("--bidirectional", dest="bidirectional", action="store_true", default=True,
+                           help="every position sees the whole image")
+    direction.add_argument("--causal", dest="bidirectional", action="store_false",
+                           help="position t sees only pixels 0..t (default: bidirectional)")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=300, help="training epochs; the cosine schedule spans them all")
+    optim.add_argument("--batch-size", type=int, default=50, help="training batch (evaluation uses twice this)")
+    optim.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate of every non-kernel parameter")
+    optim.add_argument("--kernel-lr", type=float, default=1e-3, help="AdamW learning rate of the kernels (no weight decay)")
+    optim.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of non-kernel parameters")
+    optim.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warmup before the cosine decay")
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="torch device (default: cuda when available, else cpu); on CUDA the model runs in bf16 autocast, "
+                          "the FFT convolution in float32")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    run.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation and dropout")
+    run.add_argument("--history", default=None,
+                     help="write the per-epoch curve (seconds, CPU seconds, losses, test accuracy) and the flags as JSON here")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -339,9 +381,8 @@ def main(argv=None) -> dict:
             console.print(f"epoch {epoch:3d}  {history[-1]['seconds']:7.1f}s ({history[-1]['cpu_seconds']:.0f} CPU s)  train loss "
                           f"{'-' if train_loss is None else f'{train_loss:.4f}'}  test loss {test_loss:.4f}  "
                           f"test acc {100 * test_acc:.2f}%")
-    if args.history:
-        with open(args.history, "w") as f:
-            json.dump({"args": vars(args), "history": history}, f, indent=1)
+            if args.history:  # after every epoch, so an interrupted run still leaves its curve
+                write_json_atomic(args.history, {"args": vars(args), "history": history})
     console.print(f"final test accuracy: {100 * history[-1]['test_acc']:.2f}% after {args.epochs} epochs, "
                   f"{history[-1]['seconds']:.0f}s")
     return {"history": history, "test_acc": history[-1]["test_acc"], "model": model}

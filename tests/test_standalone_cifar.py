@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -95,14 +96,31 @@ def test_binary_loader_rejects_truncated_and_missing_files(tmp_path):
         sc.load_cifar(str(tmp_path))
 
 
+def test_npz_loader_refuses_pickled_arrays(tmp_path):
+    path = tmp_path / "pickled.npz"
+    x = np.empty(2, dtype=object)  # object arrays can only be stored as pickles
+    np.savez(path, x_train=x, y_train=np.zeros(2, np.int64), x_test=x, y_test=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        sc.load_cifar(str(path))
+
+
 def test_hub_failure_says_how_to_use_local_data(monkeypatch):
-    datasets = pytest.importorskip("datasets")
+    calls = []
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
+    def offline(name, *args, **kwargs):
+        calls.append(name)
+        raise ConnectionError("Couldn't reach the Hub")
 
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(RuntimeError, match="--data"):
+    # A stand-in for the `datasets` package: the real one would retry over the (absent) network for half a minute.
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(RuntimeError, match=r"Hugging Face hub \(ConnectionError.*--data.*data_batch_\*\.bin.*\.npz"):
+        sc.load_cifar(None)
+    assert calls == ["uoft-cs/cifar10"]
+
+
+def test_hub_without_datasets_package_says_how_to_use_local_data(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(RuntimeError, match="`datasets` package.*--data"):
         sc.load_cifar(None)
 
 
