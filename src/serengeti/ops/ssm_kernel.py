@@ -190,6 +190,10 @@ def fir_conv(
     lower-triangular Toeplitz block plus chunk j-1's inputs times an upper-triangular one::
 
         y_j = T0 u_j + T1 u_{j-1},   T0[t, s] = taps[t - s],  T1[t, s] = taps[t - s + c]
+
+    ``[T1 | T0]`` is one (c, 2c) Toeplitz matrix, built as a strided window over the zero-padded
+    taps (its backward is a cheap overlap-add, not a scatter), and ``u_{j-1}``, ``u_j`` are two
+    views of one padded copy of the input.
     """
     Bsz, H, L = u.shape
     N = taps.shape[-1]
@@ -198,18 +202,18 @@ def fir_conv(
     work = torch.float64 if torch.float64 in (u.dtype, taps.dtype) else torch.float32
     with torch.autocast(device_type=u.device.type, enabled=False):
         uw, tw = u.to(work), taps.to(work)
-        U = torch.nn.functional.pad(uw, (0, m * c - L)).unflatten(-1, (m, c))  # (B, H, m, c)
         if history is None:
-            first = U.new_zeros(Bsz, H, 1, c)
+            first = uw.new_zeros(Bsz, H, c)
         else:
-            first = torch.nn.functional.pad(history.to(work), (c - N, 0)).unsqueeze(-2)
-        U_prev = torch.cat([first, U[..., :-1, :]], dim=-2)  # (B, H, m, c)
-        idx = torch.arange(c, device=u.device)
-        lag = idx[:, None] - idx[None, :]  # t - s
-        T0 = tw[:, lag.clamp(0, N - 1)] * ((lag >= 0) & (lag < N))  # (H, c, c)
-        T1 = tw[:, (lag + c).clamp(0, N - 1)] * (lag + c < N)
-        y = torch.matmul(U, T0.transpose(-1, -2)) + torch.matmul(U_prev, T1.transpose(-1, -2))
+            first = torch.nn.functional.pad(history.to(work), (c - N, 0))
+        # [first chunk | u | zeros]: (B, H, (m + 1) c); chunk j of u is window j + 1
+        U = torch.cat([first, uw, uw.new_zeros(Bsz, H, m * c - L)], dim=-1)
+        U_prev, U_cur = U[..., : m * c].unflatten(-1, (m, c)), U[..., c:].unflatten(-1, (m, c))
+        # M[h, t, s'] = taps[h, t + c - s'] (zero outside [0, N)); row t reversed is e[t : t + 2c]
+        e = torch.nn.functional.pad(tw, (c - 1, 2 * c - N))  # (H, 3c - 1)
+        M = e.unfold(-1, 2 * c, 1).flip(-1)  # (H, c, 2c) = [T1 | T0]
+        y = torch.matmul(U_prev, M[..., :c].mT) + torch.matmul(U_cur, M[..., c:].mT)  # (B, H, m, c)
         y = y.flatten(-2)[..., :L]
         if D is not None:
-            y = y + uw * D.to(work).unsqueeze(-1)
+            y = torch.addcmul(y, uw, D.to(work).unsqueeze(-1))
     return y.to(u.dtype)
