@@ -23,6 +23,17 @@ import torch
 from torch import nn
 
 
+def linear_channels_first(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``Linear`` applied to ``x: (B, L, C_in)`` but written channels-first: ``(B, C_out, L)``.
+
+    ``W @ x^T`` lands in the layout the FFT convolutions want (time contiguous) without a
+    transpose copy of the (usually wider) output.
+    """
+    if bias is None:
+        return torch.matmul(weight, x.mT)
+    return torch.baddbmm(bias.unsqueeze(-1), weight.expand(x.shape[0], -1, -1), x.mT)
+
+
 class StateError(RuntimeError):
     """Raised when ``step`` is called without a state from ``allocate_state``."""
 

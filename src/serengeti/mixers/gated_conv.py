@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from serengeti.mixers.base import Mixer
+from serengeti.mixers.base import Mixer, linear_channels_first
 from serengeti.ops.short_conv import ShortConv
 
 
@@ -71,12 +71,7 @@ class GatedConvMixer(Mixer):
             ``[x_0, ..., x_{N-1}, v]``, each (B, D, L), channels-first so the FFT runs over
             contiguous time.
         """
-        # W @ x^T writes (B, C, L) directly: no transpose copy of the (N+1)-times-wider tensor.
-        W, b = self.in_proj.weight, self.in_proj.bias
-        if b is None:
-            z = torch.matmul(W, x.mT)
-        else:
-            z = torch.baddbmm(b.unsqueeze(-1), W.expand(x.shape[0], -1, -1), x.mT)
+        z = linear_channels_first(x, self.in_proj.weight, self.in_proj.bias)  # (B, (N+1)D, L)
         zc = self.short_filter(z)
         return z, list(zc.split(self.d_model, dim=1))
 

@@ -24,8 +24,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from serengeti.mixers.base import Mixer
-from serengeti.ops.fftconv import fftconv
+from serengeti.mixers.base import Mixer, linear_channels_first
+from serengeti.ops.gated_fftconv import gated_fftconv
 from serengeti.ops.ssm_kernel import bilinear, fir_conv, shift_kernel, vandermonde_kernel, vandermonde_state
 from serengeti.optim_tags import set_optim
 
@@ -39,10 +39,18 @@ class H3State:
             shift filter), oldest first; zeros before the sequence starts.
         x: (B, hd, hd, H, d_state/2) complex state of the diagonal SSM, one per (d1, d2)
             entry of the per-head outer product.
+        taps_rev: (D, d_state) shift-SSM taps, oldest first; dA, dB, C: (H, d_state/2)
+            complex128 discretized diagonal SSM. Computed once by ``allocate_state`` from the
+            current parameters, so a step does no parameter math (allocate a new state after
+            changing them); ``None`` = compute in every step.
     """
 
     k_hist: torch.Tensor
     x: torch.Tensor
+    taps_rev: torch.Tensor | None = None
+    dA: torch.Tensor | None = None
+    dB: torch.Tensor | None = None
+    C: torch.Tensor | None = None
 
 
 class H3(Mixer):
@@ -155,16 +163,23 @@ class H3(Mixer):
             (B, L, D). The convolutions run in float32 (float64 for a float64 module), also
             under autocast.
         """
-        Bsz, L, _ = x.shape
-        q, k, v = (rearrange(p(x), "b l d -> b d l") for p in (self.q_proj, self.k_proj, self.v_proj))
+        L = x.shape[1]
+        # q, k, v by one channels-first matmul: (B, 3D, L), time contiguous for the convolutions
+        W = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        q, k, v = linear_channels_first(x, W, b).split(self.d_model, dim=1)
         taps = shift_kernel(self.ssm_k_B, self.ssm_k_C)  # (D, N)
         k_s = fir_conv(k, taps, self.ssm_k_D, history=None if state is None else state.k_hist)
-        kv = self._outer(k_s, v)  # (B, hd, hd, H, L)
 
         dA, log_dA, dB, C = self._discretize()
         real = self._real_dtype()
         K = vandermonde_kernel(C * dB, log_dA, L, dtype=real)  # (H, L)
-        y = fftconv(kv.flatten(0, 2), K, self.D).view_as(kv)
+        if self.head_dim == 1 and state is None:
+            # q . (K * (k~ . v) + D . (k~ . v)) as one fused, gated FFT convolution
+            y = gated_fftconv(k_s, K, self.D, pre=v, post=q)  # (B, D, L)
+            return self.output_linear(y.mT)
+        kv = self._outer(k_s, v)  # (B, hd, hd, H, L)
+        y = gated_fftconv(kv.flatten(0, 2), K, self.D).view_as(kv)
         if state is not None:
             x0 = state.x.to(torch.complex128)
             # the prior state's response: y_t += 2 Re sum_n C_n dA_n^(t+1) x0_n
@@ -174,7 +189,7 @@ class H3(Mixer):
             hist = torch.cat([state.k_hist, k.to(state.k_hist.dtype)], dim=-1)  # (B, D, N + L)
             state.k_hist = hist[..., -self.d_state :]
         y = self._contract_q(y, q)  # (B, D, L)
-        return self.output_linear(rearrange(y, "b d l -> b l d"))
+        return self.output_linear(y.mT)
 
     # --- recurrent mode ------------------------------------------------------------------
     def allocate_state(self, batch_size: int, *, max_len: int, device=None, dtype=None) -> H3State:
@@ -188,21 +203,30 @@ class H3(Mixer):
         device = device or self.C.device
         dtype = dtype or self.C.dtype
         hd = self.head_dim
+        with torch.no_grad():
+            taps_rev = shift_kernel(self.ssm_k_B, self.ssm_k_C).flip(-1).to(device=device, dtype=dtype)
+            dA, _, dB, C = (t.to(device) for t in self._discretize())
         return H3State(
             k_hist=torch.zeros(batch_size, self.d_model, self.d_state, device=device, dtype=dtype),
             x=torch.zeros(batch_size, hd, hd, self.H, self.d_state // 2, device=device, dtype=torch.complex128),
+            taps_rev=taps_rev, dA=dA, dB=dB, C=C,
         )
 
     def step(self, x_t: torch.Tensor, state: H3State) -> tuple[torch.Tensor, H3State]:
         """One token: ``x_t (B, D) -> y_t (B, D)``, O(D * d_state + D^2) work; advances ``state``."""
         self._require_state(state, type(self).__name__)
         q, k, v = self.q_proj(x_t), self.k_proj(x_t), self.v_proj(x_t)  # (B, D)
-        taps = shift_kernel(self.ssm_k_B, self.ssm_k_C)  # (D, N), taps[:, j] hits k_{t-j}
+        taps_rev = state.taps_rev  # (D, N), taps_rev[:, -1 - j] hits k_{t-j}
+        if taps_rev is None:
+            taps_rev = shift_kernel(self.ssm_k_B, self.ssm_k_C).flip(-1)
         hist = torch.cat([state.k_hist[..., 1:], k.unsqueeze(-1).to(state.k_hist.dtype)], dim=-1)
-        k_s = (hist.to(k.dtype) * taps.flip(-1)).sum(-1) + self.ssm_k_D * k
+        k_s = (hist.to(k.dtype) * taps_rev.to(k.dtype)).sum(-1) + self.ssm_k_D * k
         kv = self._outer(k_s, v)  # (B, hd, hd, H)
 
-        dA, _, dB, C = self._discretize()
+        if state.dA is not None:
+            dA, dB, C = state.dA, state.dB, state.C
+        else:
+            dA, _, dB, C = self._discretize()
         xs = dA * state.x + dB * kv.unsqueeze(-1).to(torch.complex128)
         y = (2 * (C * xs).sum(-1).real).to(kv.dtype) + self.D * kv
         state.k_hist, state.x = hist, xs.to(state.x.dtype)
