@@ -37,9 +37,16 @@ class S5State:
     Attributes:
         x: (B, P_) complex state after the last consumed input (complex64, or complex128 for a
             float64 module).
+        Lam_bar: (P_,) complex, W_in: (H, 2 P_) and W_out: (2 P_, H) real: the discretized
+            system, computed once by ``allocate_state`` from the current parameters so a step
+            does no parameter math (allocate a new state after changing them); ``None`` =
+            compute in every step.
     """
 
     x: torch.Tensor
+    Lam_bar: torch.Tensor | None = None
+    W_in: torch.Tensor | None = None
+    W_out: torch.Tensor | None = None
 
 
 def hippo_legs_normal(n: int) -> torch.Tensor:
@@ -209,6 +216,11 @@ class S5(Mixer):
         dA, dB = bilinear(dt, Lam.unsqueeze(-1), B_t)
         return dA[:, 0], dB
 
+    def _system(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Λ̄ (P_,) complex, W_in (H, 2 P_) real)``: ``u @ W_in`` is B̄u with (re, im) interleaved."""
+        Lam_bar, B_bar = self.discretize()
+        return Lam_bar, torch.view_as_real(B_bar).transpose(0, 1).reshape(B_bar.shape[1], 2 * self.P)
+
     def _readout(self) -> torch.Tensor:
         """(n_c P_ · 2, H) real matrix W with ``Re(C̃ x) = view_as_real(x).flatten(-2) @ W``, times f."""
         real = torch.float64 if self.C.dtype == torch.float64 else torch.float32
@@ -246,9 +258,8 @@ class S5(Mixer):
         with torch.autocast(device_type=x.device.type, enabled=False):
             real = torch.float64 if self.B.dtype == torch.float64 else torch.float32
             u = x.to(real)
-            Lam_bar, B_bar = self.discretize()
+            Lam_bar, W_in = self._system()
             # B̄u as one real matmul into interleaved (re, im): (B, L, H) @ (H, 2P_) -> (B, L, P_) complex
-            W_in = torch.view_as_real(B_bar).transpose(0, 1).reshape(H, 2 * self.P)  # (H, 2 P_)
             Bu = torch.view_as_complex((u @ W_in).unflatten(-1, (self.P, 2)))
             x0 = None if state is None else state.x.to(Bu.dtype)
             xs = linear_scan(Lam_bar, Bu, x0, method=self.scan_method)  # (B, L, P_)
@@ -272,7 +283,12 @@ class S5(Mixer):
         if self.bidirectional:
             raise StateError("S5 with model.mixer.bidirectional=true has no recurrent mode (it reads the future)")
         cdtype = torch.complex128 if torch.float64 in (dtype, self.B.dtype) else torch.complex64
-        return S5State(x=torch.zeros(batch_size, self.P, device=device or self.B.device, dtype=cdtype))
+        device = device or self.B.device
+        with torch.no_grad():
+            Lam_bar, W_in = self._system()
+            W_out = self._readout()[: 2 * self.P]
+        return S5State(x=torch.zeros(batch_size, self.P, device=device, dtype=cdtype), Lam_bar=Lam_bar.to(device),
+                       W_in=W_in.to(device), W_out=W_out.to(device))
 
     def step(self, x_t: torch.Tensor, state: S5State) -> tuple[torch.Tensor, S5State]:
         """One step: ``x_t (B, H) -> y_t (B, H)``; ``state.x`` (B, P_) is advanced in place and returned."""
@@ -282,8 +298,12 @@ class S5(Mixer):
         with torch.autocast(device_type=x_t.device.type, enabled=False):
             real = torch.float64 if self.B.dtype == torch.float64 else torch.float32
             u = x_t.to(real)
-            Lam_bar, B_bar = self.discretize()
-            xs = Lam_bar * state.x.to(Lam_bar.dtype) + u.to(B_bar.dtype) @ B_bar.T  # (B, P_)
-            y = torch.view_as_real(xs).flatten(-2) @ self._readout() + self.D.to(real) * u
+            if state.Lam_bar is not None:
+                Lam_bar, W_in, W_out = state.Lam_bar, state.W_in, state.W_out
+            else:
+                (Lam_bar, W_in), W_out = self._system(), self._readout()[: 2 * self.P]
+            Bu = torch.view_as_complex((u @ W_in).unflatten(-1, (self.P, 2)))  # (B, P_)
+            xs = Lam_bar * state.x.to(Lam_bar.dtype) + Bu
+            y = torch.view_as_real(xs).flatten(-2) @ W_out + self.D.to(real) * u
             state.x = xs.to(state.x.dtype)
         return self._activate(y.to(x_t.dtype)), state
