@@ -92,6 +92,23 @@ def test_fast_fft_size_is_smallest_235_smooth_at_least_n():
     assert fast_fft_size(2 * 1000) == 2000 and fast_fft_size(2 * 1025) == 2160
 
 
+@pytest.mark.parametrize("L", [1, 7, 1000, 1025])
+def test_fft_convs_use_a_smooth_size_of_at_least_2L(L, monkeypatch):
+    sizes = []
+    rfft = torch.fft.rfft
+
+    def recording_rfft(x, n=None, **kw):
+        sizes.append(n)
+        return rfft(x, n=n, **kw)
+
+    monkeypatch.setattr(torch.fft, "rfft", recording_rfft)
+    u, k = torch.randn(1, 2, L), torch.randn(2, L)
+    fftconv(u, k)
+    gated_fftconv(u, k)
+    assert len(sizes) == 4
+    assert all(n >= 2 * L and _smooth_235(n) for n in sizes), sizes
+
+
 @pytest.mark.parametrize("L", [1, 6, 33, 100])
 @pytest.mark.parametrize("gates", [(), ("pre",), ("post",), ("pre", "post")])
 @pytest.mark.parametrize("with_D", [True, False])
