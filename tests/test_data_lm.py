@@ -56,12 +56,27 @@ def test_tinyshakespeare_token_counts_match_published(tmp_path):
     assert char.tokenizer.decode(np.asarray(tokens.tokens)) == text
 
 
+WT_KW = dict(path=str(WT_RAW), name="wikitext-2-raw-v1", tokenizer=str(GPT2), seq_len=64, batch_size=3,
+             train_split="validation", val_split="validation", test_split=None)
+
+
+@pytest.fixture(scope="module")
+def wt_cache(tmp_path_factory):
+    """A cache directory holding the GPT-2 tokens of the WikiText validation text, built once here."""
+    if not (GPT2 / "tokenizer.json").is_file() or not (WT_RAW / "wiki.valid.raw").is_file():
+        pytest.skip(f"shared test data not found at {SHARED} (set SERENGETI_SHARED_DATA)")
+    cache = str(tmp_path_factory.mktemp("wt_cache"))
+    dm = WikiText(**WT_KW, cache_dir=cache)
+    dm.setup("fit")
+    assert dm.tokens["train"].built and not dm.tokens["val"].built, "the same split is tokenized once"
+    return cache, dm
+
+
 @needs_shared
-def test_wikitext_count_and_exact_round_trip(tmp_path):
-    dm = WikiText(path=str(WT_RAW), name="wikitext-2-raw-v1", tokenizer=str(GPT2), seq_len=128, batch_size=4,
-                  cache_dir=str(tmp_path), train_split="validation", val_split="test", test_split="test")
-    arr = dm.load_split("train")
-    assert arr.built and arr.tokens.dtype == np.uint16
+def test_wikitext_count_and_exact_round_trip(wt_cache):
+    _, dm = wt_cache
+    arr = dm.tokens["train"]
+    assert arr.tokens.dtype == np.uint16
     lines = (WT_RAW / "wiki.valid.raw").read_text(encoding="utf-8").splitlines(keepends=True)
     rows = [line for line in lines if line.strip()]
     assert len(lines) == 3760 and len(rows) == 3760 - 1299  # README: lines (blank)
@@ -80,21 +95,15 @@ def test_wikitext_count_and_exact_round_trip(tmp_path):
 
 
 @needs_shared
-def test_second_run_reuses_the_cache(tmp_path):
-    kw = dict(path=str(WT_RAW), tokenizer=str(GPT2), seq_len=64, batch_size=2, cache_dir=str(tmp_path),
-              train_split="validation", val_split="validation")
-    first = WikiText(**kw)
-    first.setup("fit")
-    assert first.tokens["train"].built and not first.tokens["val"].built, "the same split is tokenized once"
-    second = WikiText(**kw)
-    t0 = time.perf_counter()
+def test_second_run_reuses_the_cache(wt_cache):
+    cache, first = wt_cache
+    second = WikiText(**WT_KW, cache_dir=cache)
     second.setup("fit")
-    assert time.perf_counter() - t0 < 1.0
-    assert not any(t.built for t in second.tokens.values())
+    assert not any(t.built for t in second.tokens.values()), "memory-mapped, not re-tokenized"
     for role in ("train", "val"):
         assert np.array_equal(first.tokens[role].tokens, second.tokens[role].tokens)
     # a different setting is a different cache entry
-    third = WikiText(**{**kw, "add_eos": False})
+    third = WikiText(**{**WT_KW, "add_eos": False}, cache_dir=cache)
     third.setup("fit")
     assert third.tokens["train"].built and len(third.tokens["train"]) < len(first.tokens["train"])
 
@@ -106,9 +115,9 @@ def test_wikitext_offline_has_no_train_split(tmp_path):
 
 
 @needs_shared
-def test_wikitext_batches(tmp_path):
-    dm = WikiText(path=str(WT_RAW), tokenizer=str(GPT2), seq_len=64, batch_size=3, cache_dir=str(tmp_path),
-                  train_split="validation", val_split="validation", batch_size_eval=5)
+def test_wikitext_batches(wt_cache):
+    cache, _ = wt_cache
+    dm = WikiText(**{**WT_KW, "batch_size_eval": 5}, cache_dir=cache)
     dm.setup("fit")
     assert dm.vocab_size == 50257 and dm.l_max == 64
     x, y = next(iter(dm.train_dataloader()))
@@ -273,3 +282,21 @@ def test_vocab_size_mismatch_with_model(tmp_path):
     dm.check_model_vocab(16)
     with pytest.raises(ValueError, match=r"model.vocab_size=8 is smaller than the vocabulary of dataset.tokenizer"):
         dm.check_model_vocab(8)
+
+
+def test_train_prepare_names_the_key_for_vocab_mismatch_and_missing_file(tmp_path):
+    from conftest import compose_cfg
+    from serengeti.train import ConfigError, prepare
+
+    f = tmp_path / "t.txt"
+    f.write_text("abcdefgh" * 10)
+    base = ["dataset=text_files", "dataset.tokenizer=char", "dataset.seq_len=8", "dataset.batch_size=1",
+            f"dataset.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(ConfigError, match=r"model.vocab_size=8 is smaller than the dataset's vocabulary \(9\)"):
+        prepare(compose_cfg(base + [f"dataset.train={f}", "model.vocab_size=8"]))
+    cfg = compose_cfg(base + [f"dataset.train={f}"])
+    datamodule, task = prepare(cfg)
+    assert cfg.model.vocab_size == datamodule.vocab_size == 9 and task.model.lm_head.out_features == 9
+    missing = tmp_path / "absent.txt"
+    with pytest.raises(ConfigError, match=rf"dataset: .*not found: {missing}"):
+        prepare(compose_cfg(base + [f"dataset.train={missing}"]))
