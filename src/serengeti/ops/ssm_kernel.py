@@ -192,8 +192,10 @@ def fir_conv(
         y_j = T0 u_j + T1 u_{j-1},   T0[t, s] = taps[t - s],  T1[t, s] = taps[t - s + c]
 
     ``[T1 | T0]`` is one (c, 2c) Toeplitz matrix, built as a strided window over the zero-padded
-    taps (its backward is a cheap overlap-add, not a scatter), and ``u_{j-1}``, ``u_j`` are two
-    views of one padded copy of the input.
+    taps (its backward is a cheap overlap-add, not a scatter), and ``[u_{j-1} | u_j]`` is a
+    strided window over one padded copy of the input. The product is one bmm batched over the
+    H channels, (H, B·m, 2c) x (H, 2c, c): broadcasting the (H, c, 2c) matrix over the batch
+    instead would materialise it B times (10x slower at B 32, L 130, N 64).
     """
     Bsz, H, L = u.shape
     N = taps.shape[-1]
@@ -208,12 +210,13 @@ def fir_conv(
             first = torch.nn.functional.pad(history.to(work), (c - N, 0))
         # [first chunk | u | zeros]: (B, H, (m + 1) c); chunk j of u is window j + 1
         U = torch.cat([first, uw, uw.new_zeros(Bsz, H, m * c - L)], dim=-1)
-        U_prev, U_cur = U[..., : m * c].unflatten(-1, (m, c)), U[..., c:].unflatten(-1, (m, c))
+        W = U.unfold(-1, 2 * c, c)  # (B, H, m, 2c): window j = [u_{j-1} | u_j]
+        W = W.permute(1, 0, 2, 3).reshape(H, Bsz * m, 2 * c)
         # M[h, t, s'] = taps[h, t + c - s'] (zero outside [0, N)); row t reversed is e[t : t + 2c]
         e = torch.nn.functional.pad(tw, (c - 1, 2 * c - N))  # (H, 3c - 1)
         M = e.unfold(-1, 2 * c, 1).flip(-1)  # (H, c, 2c) = [T1 | T0]
-        y = torch.matmul(U_prev, M[..., :c].mT) + torch.matmul(U_cur, M[..., c:].mT)  # (B, H, m, c)
-        y = y.flatten(-2)[..., :L]
+        y = torch.bmm(W, M.mT)  # (H, B m, c)
+        y = y.unflatten(1, (Bsz, m)).permute(1, 0, 2, 3).flatten(-2)[..., :L]  # (B, H, L)
         if D is not None:
             y = torch.addcmul(y, uw, D.to(work).unsqueeze(-1))
     return y.to(u.dtype)
