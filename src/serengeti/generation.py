@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -69,7 +70,8 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
 
 @torch.inference_mode()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator: torch.Generator | None = None, max_len: int | None = None) -> Generation:
+             top_p: float | None = None, generator: torch.Generator | None = None, max_len: int | None = None,
+             clock: Callable[[], float] = time.perf_counter) -> Generation:
     """Generate ``max_new_tokens`` tokens after ``prompt`` with the model's recurrent mode.
 
     Args:
@@ -78,6 +80,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
         max_new_tokens: N >= 1.
         temperature, top_k, top_p, generator: see :func:`sample`.
         max_len: the model's maximum sequence length; ``P + N - 1`` must not exceed it.
+        clock: seconds for the timings (``time.thread_time`` measures CPU time on a busy machine).
 
     Returns:
         :class:`Generation` with ``tokens`` (B, N). Only ids below ``model.vocab_size`` are sampled
@@ -93,15 +96,15 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
         raise ValueError(f"prompt of {P} tokens + max_new_tokens={max_new_tokens} needs {total} positions, more than "
                          f"the model's maximum sequence length {max_len} (model.l_max)")
     V = model.vocab_size
-    start = time.perf_counter()
+    start = clock()
     state = model.allocate_state(B, max_len=total)
     logits = model(prompt, state=state, num_last_tokens=1)[:, -1, :V]
     tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     out = [tok]
-    t_prefill = time.perf_counter()
+    t_prefill = clock()
     for _ in range(max_new_tokens - 1):
         logits = model.step(tok, state)[:, :V]
         tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         out.append(tok)
-    end = time.perf_counter()
+    end = clock()
     return Generation(torch.stack(out, dim=1), t_prefill - start, end - t_prefill)
