@@ -43,11 +43,13 @@ class H3State:
             complex128 discretized diagonal SSM. Computed once by ``allocate_state`` from the
             current parameters, so a step does no parameter math (allocate a new state after
             changing them); ``None`` = compute in every step.
+        seqlen: positions consumed so far (a fresh state has no prior response to add).
     """
 
     k_hist: torch.Tensor
     x: torch.Tensor
     taps_rev: torch.Tensor | None = None
+    seqlen: int = 0
     dA: torch.Tensor | None = None
     dB: torch.Tensor | None = None
     C: torch.Tensor | None = None
@@ -118,8 +120,8 @@ class H3(Mixer):
         self.D = nn.Parameter(torch.randn(self.H, **fk))
 
     # --- shared pieces -------------------------------------------------------------------
-    def _discretize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(dA, log_dA, dB, C)``, each (H, N2) complex128.
+    def _discretize(self, with_log: bool = True) -> tuple[torch.Tensor, ...]:
+        """``(dA, log_dA, dB, C)``, each (H, N2) complex128 (``log_dA`` None unless ``with_log``).
 
         Always double precision: these are tiny, and powers of dA up to L amplify its rounding
         error L times (see :mod:`serengeti.ops.ssm_kernel`).
@@ -129,7 +131,7 @@ class H3(Mixer):
         B = torch.view_as_complex(self.B.double())
         C = torch.view_as_complex(self.C.double())
         dA, dB = bilinear(dt, A, B)
-        return dA, torch.log(dA), dB, C
+        return dA, torch.log(dA) if with_log else None, dB, C
 
     def _real_dtype(self) -> torch.dtype:
         return torch.float64 if self.C.dtype == torch.float64 else torch.float32
@@ -174,22 +176,34 @@ class H3(Mixer):
         dA, log_dA, dB, C = self._discretize()
         real = self._real_dtype()
         K = vandermonde_kernel(C * dB, log_dA, L, dtype=real)  # (H, L)
-        if self.head_dim == 1 and state is None:
+        fresh = state is None or state.seqlen == 0  # no prior state whose response must be added
+        if self.head_dim == 1 and fresh:
             # q . (K * (k~ . v) + D . (k~ . v)) as one fused, gated FFT convolution
             y = gated_fftconv(k_s, K, self.D, pre=v, post=q)  # (B, D, L)
+            if state is not None:
+                self._advance(state, self._outer(k_s, v), k, log_dA, dB)
             return self.output_linear(y.mT)
         kv = self._outer(k_s, v)  # (B, hd, hd, H, L)
         y = gated_fftconv(kv.flatten(0, 2), K, self.D).view_as(kv)
         if state is not None:
-            x0 = state.x.to(torch.complex128)
-            # the prior state's response: y_t += 2 Re sum_n C_n dA_n^(t+1) x0_n
-            y = y + vandermonde_kernel(C * dA * x0, log_dA, L, dtype=real).to(y.dtype)
-            x_end = torch.exp(log_dA * L) * x0 + vandermonde_state(kv.to(real), log_dA, dB)
-            state.x = x_end.to(state.x.dtype)
-            hist = torch.cat([state.k_hist, k.to(state.k_hist.dtype)], dim=-1)  # (B, D, N + L)
-            state.k_hist = hist[..., -self.d_state :]
+            if not fresh:
+                # the prior state's response: y_t += 2 Re sum_n C_n dA_n^(t+1) x0_n
+                x0 = state.x.to(torch.complex128)
+                y = y + vandermonde_kernel(C * dA * x0, log_dA, L, dtype=real).to(y.dtype)
+            self._advance(state, kv, k, log_dA, dB)
         y = self._contract_q(y, q)  # (B, D, L)
         return self.output_linear(y.mT)
+
+    def _advance(self, state: H3State, kv: torch.Tensor, k: torch.Tensor, log_dA: torch.Tensor, dB: torch.Tensor):
+        """Move ``state`` past a chunk: kv (B, hd, hd, H, L) enters the diagonal SSM, k (B, D, L) the shift SSM."""
+        L = kv.shape[-1]
+        x_end = vandermonde_state(kv.to(self._real_dtype()), log_dA, dB)
+        if state.seqlen > 0:
+            x_end = x_end + torch.exp(log_dA * L) * state.x.to(torch.complex128)
+        state.x = x_end.to(state.x.dtype)
+        hist = torch.cat([state.k_hist, k.to(state.k_hist.dtype)], dim=-1)  # (B, D, N + L)
+        state.k_hist = hist[..., -self.d_state :]
+        state.seqlen += L
 
     # --- recurrent mode ------------------------------------------------------------------
     def allocate_state(self, batch_size: int, *, max_len: int, device=None, dtype=None) -> H3State:
@@ -205,7 +219,8 @@ class H3(Mixer):
         hd = self.head_dim
         with torch.no_grad():
             taps_rev = shift_kernel(self.ssm_k_B, self.ssm_k_C).flip(-1).to(device=device, dtype=dtype)
-            dA, _, dB, C = (t.to(device) for t in self._discretize())
+            dA, _, dB, C = self._discretize(with_log=False)
+            dA, dB, C = dA.to(device), dB.to(device), C.to(device)
         return H3State(
             k_hist=torch.zeros(batch_size, self.d_model, self.d_state, device=device, dtype=dtype),
             x=torch.zeros(batch_size, hd, hd, self.H, self.d_state // 2, device=device, dtype=torch.complex128),
@@ -226,8 +241,9 @@ class H3(Mixer):
         if state.dA is not None:
             dA, dB, C = state.dA, state.dB, state.C
         else:
-            dA, _, dB, C = self._discretize()
+            dA, _, dB, C = self._discretize(with_log=False)
         xs = dA * state.x + dB * kv.unsqueeze(-1).to(torch.complex128)
         y = (2 * (C * xs).sum(-1).real).to(kv.dtype) + self.D * kv
         state.k_hist, state.x = hist, xs.to(state.x.dtype)
+        state.seqlen += 1
         return self.output_linear(self._contract_q(y, q)), state
