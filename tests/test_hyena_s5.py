@@ -1,4 +1,4 @@
-"""Hyena-S5 operator: step == forward, prefill, causality, and the AR model's parameter count."""
+"""Hyena-S5 operator: step == forward, prefill, causality, and the published parameter counts (AR 131K, WT103)."""
 import pytest
 import torch
 
@@ -67,3 +67,24 @@ def test_rejects_bidirectional_and_unknown_keys():
         HyenaS5(8, ssm_size=8, bidirectional=True)
     with pytest.raises(TypeError, match="filter_order"):
         HyenaS5(8, ssm_size=8, filter_order=64)
+
+
+@pytest.mark.parametrize("experiment, vocab, expected", [
+    ("synthetics/associative_recall/hyena_s5_131k_v30", 30, 120_288),  # REFERENCE.md §11
+    ("wikitext/hyena_s5", 50257, 128_496_384),
+])
+def test_published_parameter_counts(experiment, vocab, expected):
+    """The experiment configs build the S5 authors' models exactly (counted on the meta device)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from serengeti.models.lm import LMHeadModel
+
+    cfg = compose_cfg([f"experiment={experiment}"])
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.update(vocab_size=vocab, l_max=cfg.dataset.seq_len)
+    mixer = instantiate(model_cfg.pop("mixer"))
+    with torch.device("meta"):
+        model = LMHeadModel(mixer=mixer, **model_cfg)
+    assert sum(p.numel() for p in model.parameters()) == expected
