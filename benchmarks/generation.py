@@ -8,8 +8,8 @@ the GPT-2 vocabulary (50257, so the LM head costs what it costs in a real LM), i
 float32, batch 1. For each context C a random prompt of C tokens is prefilled once
 (``model(prompt, state=state)``) and then ``--new-tokens`` tokens are generated greedily with
 ``model.step``; the per-token latency is the decode time divided by the number of steps. Models
-are timed in interleaved rounds (transformer, h3, ..., transformer, h3, ...) so load changes on
-a shared machine hit all of them; each entry is the median over rounds. Printed: ms/token,
+are timed in interleaved rounds (every context and model once per round) so load changes on a
+shared machine hit all of them; each entry is the median over rounds. Printed: ms/token,
 tokens/s, prefill ms, and the ratios transformer/model (> 1: faster than the KV-cache
 Transformer) and latency(C)/latency(first C) (flatness).
 """
@@ -73,19 +73,19 @@ def main() -> None:
     print(f"# {args.n_layer} layers, d_model {args.d_model}, vocab {args.vocab}, batch 1, float32, "
           f"{args.new_tokens} new tokens, median of {args.repeats} interleaved rounds, {torch.get_num_threads()} threads, "
           f"{args.clock} clock")
-    lat: dict[str, dict[int, float]] = {n: {} for n in names}
-    pre: dict[str, dict[int, float]] = {n: {} for n in names}
-    for C in args.contexts:
-        for m in models.values():  # warm-up at this context (allocator, kernels)
+    for C in args.contexts:  # warm-up at every context (allocator, kernels)
+        for m in models.values():
             time_one(m, C, 2, args.vocab)
-        runs = {n: [] for n in names}
-        for _ in range(args.repeats):
+    # rounds outermost, so a load change on a shared machine hits every context and model alike
+    runs = {(n, C): [] for n in names for C in args.contexts}
+    for r in range(args.repeats):
+        for C in args.contexts:
             for n, m in models.items():
-                runs[n].append(time_one(m, C, args.new_tokens, args.vocab, clock))
-        for n in names:
-            lat[n][C] = statistics.median(r[0] for r in runs[n])
-            pre[n][C] = statistics.median(r[1] for r in runs[n])
-        print(f"[context {C}] " + "  ".join(f"{n}={lat[n][C]:.2f}ms/tok" for n in names), flush=True)
+                runs[n, C].append(time_one(m, C, args.new_tokens, args.vocab, clock))
+        print(f"[round {r + 1}/{args.repeats}] " + "  ".join(
+            f"{n}@{C}={runs[n, C][-1][0]:.2f}ms/tok" for C in args.contexts for n in names), flush=True)
+    lat = {n: {C: statistics.median(r[0] for r in runs[n, C]) for C in args.contexts} for n in names}
+    pre = {n: {C: statistics.median(r[1] for r in runs[n, C]) for C in args.contexts} for n in names}
 
     c0 = args.contexts[0]
     print(f"\n{'model':<12} {'context':>7} {'ms/token':>9} {'tokens/s':>9} {'prefill ms':>11} "
