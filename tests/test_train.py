@@ -44,14 +44,14 @@ def test_resume_continues_and_reproduces(tmp_path):
 
 
 def test_model_keys_filled_from_dataset(tmp_path):
-    cfg = compose_cfg(tiny_overrides(tmp_path) + ["dataset.vocab_size=12", "dataset.seq_len=20"], output_dir=tmp_path)
+    cfg = compose_cfg(tiny_overrides(tmp_path) + ["model=transformer", "dataset.vocab_size=12", "dataset.seq_len=20"], output_dir=tmp_path)
     _, task = prepare(cfg)
     assert task.cfg["model"]["vocab_size"] == 12 and task.cfg["model"]["l_max"] == 22
     assert task.model.position_embeddings.num_embeddings == 22
 
 
 def test_invalid_shape_is_a_config_error(tmp_path):
-    cfg = compose_cfg(tiny_overrides(tmp_path) + ["model.d_model=30", "model.mixer.num_heads=4"], output_dir=tmp_path)
+    cfg = compose_cfg(tiny_overrides(tmp_path) + ["model=transformer", "model.d_model=30", "model.mixer.num_heads=4"], output_dir=tmp_path)
     with pytest.raises(ConfigError, match="num_heads"):
         prepare(cfg)
     cfg = compose_cfg(tiny_overrides(tmp_path) + ["dataset.seq_len=7"], output_dir=tmp_path)
@@ -66,7 +66,7 @@ def _train_py(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.Comp
 
 
 def test_cli_config_error_leaves_no_output_dir(tmp_path):
-    res = _train_py(["model.d_model=30", "model.mixer.num_heads=4", "logger=none"], cwd=tmp_path)
+    res = _train_py(["model=transformer", "model.d_model=30", "model.mixer.num_heads=4", "logger=none"], cwd=tmp_path)
     assert res.returncode != 0
     assert "num_heads" in res.stderr and "model.d_model" in res.stderr
     assert not any((tmp_path / "outputs").rglob("*.yaml")), "no run dir is left behind"
