@@ -77,6 +77,24 @@ def test_vandermonde_kernel_batched_coef_and_grads():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("L", [1, 33, 500])
+def test_vandermonde_kernel_backward_batched_and_float32(L):
+    """Hand-written backward: batched coef (log_dA's grad sums over the batch), float32 matmuls."""
+    dA, dB, C = _s4d(H=2, N2=3, seed=L)
+    coef = ((C * dB).unsqueeze(0) * torch.randn(3, 1, 1, dtype=torch.float64)).requires_grad_()
+    log_dA = torch.log(dA).requires_grad_()
+    g = torch.randn(3, 2, L, dtype=torch.float64)
+    grads_ref = torch.autograd.grad(vandermonde_kernel_ref(coef, torch.exp(log_dA), L), (coef, log_dA), g)
+    grads64 = torch.autograd.grad(vandermonde_kernel(coef, log_dA, L), (coef, log_dA), g)
+    grads32 = torch.autograd.grad(vandermonde_kernel(coef, log_dA, L, dtype=torch.float32), (coef, log_dA), g.float())
+    for a64, a32, b in zip(grads64, grads32, grads_ref):
+        assert a64.shape == b.shape and a32.dtype == torch.complex128
+        torch.testing.assert_close(a64, b, rtol=1e-9, atol=1e-9)
+        assert (a32 - b).abs().max() <= 1e-5 * b.abs().max()
+    args = (coef.detach()[:1, :, :2].clone().requires_grad_(), log_dA.detach()[:, :2].clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda c_, l_: vandermonde_kernel(c_, l_, 9), args)
+
+
 @pytest.mark.parametrize("L", [1, 7, 100])
 def test_vandermonde_state_matches_recurrence(L):
     dA, dB, _ = _s4d()

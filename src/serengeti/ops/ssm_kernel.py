@@ -73,6 +73,61 @@ def _real_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
 
 
+class _VandermondeKernel(torch.autograd.Function):
+    """``K = 2 Re sum_n coef_n z_n^l`` with a hand-written backward over the same power tables.
+
+    Autograd through the complex128 tables would keep and revisit every doubling step; the
+    gradients are two more "transposed Vandermonde" sums, done with the chunked tables::
+
+        S0 = sum_l g_l z^l,   S1 = sum_l l g_l z^l       (l = c j + r:  sum_j P_j sum_r (.) V_r)
+        grad coef = 2 conj(S0),   grad log z = 2 conj(coef S1)   (summed over coef's batch dims)
+    """
+
+    @staticmethod
+    def forward(ctx, coef, log_dA, L, out_dtype):
+        c = _chunk_size(L)
+        m = -(-L // c)
+        la = log_dA.to(torch.complex128)
+        V = _powers(la, c)  # (H, N2, c): dA^r
+        P = _powers(la, m, stride=c)  # (H, N2, m): dA^(c j)
+        coef128 = coef.to(torch.complex128)
+        W = coef128.unsqueeze(-1) * P  # (..., H, N2, m)
+        # 2 Re(W V) = [2 Re W, -2 Im W] @ [Re V; Im V]
+        W = torch.cat([W.real, -W.imag], dim=-2).transpose(-1, -2).mul(2).to(out_dtype)  # (..., H, m, 2 N2)
+        Vr = torch.cat([V.real, V.imag], dim=-2).to(out_dtype)  # (H, 2 N2, c)
+        K = torch.matmul(W, Vr)  # (..., H, m, c)
+        ctx.save_for_backward(coef128, V, P)
+        ctx.meta = (L, c, m, coef.dtype, log_dA.dtype)
+        return K.flatten(-2)[..., :L]
+
+    @staticmethod
+    def backward(ctx, g):
+        coef, V, P = ctx.saved_tensors
+        L, c, m, coef_dt, la_dt = ctx.meta
+        need_coef, need_la = ctx.needs_input_grad[:2]
+        H, N2 = V.shape[:2]
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            G = torch.nn.functional.pad(g, (0, m * c - L)).unflatten(-1, (m, c))  # (..., H, m, c)
+            Vt = torch.cat([V.real, V.imag], dim=-2).to(g.dtype).mT  # (H, c, 2 N2)
+            Pt = P.mT  # (H, m, N2)
+
+            def chunk_sums(Gx: torch.Tensor) -> torch.Tensor:
+                """sum_r Gx[..., j, r] dA^r -> (..., H, m, N2) complex128."""
+                T = torch.matmul(Gx, Vt)
+                return torch.complex(T[..., :N2], T[..., N2:]).to(torch.complex128)
+
+            T = chunk_sums(G)
+            grad_coef = grad_la = None
+            if need_coef:
+                grad_coef = (2 * (T * Pt).sum(-2).conj()).to(coef_dt)
+            if need_la:
+                r = torch.arange(c, device=g.device, dtype=g.dtype)
+                jc = (torch.arange(m, device=g.device, dtype=torch.float64) * c).unsqueeze(-1)  # (m, 1)
+                S1 = ((chunk_sums(G * r) + jc * T) * Pt).sum(-2)  # sum_l l g_l dA^l, (..., H, N2)
+                grad_la = (2 * (coef * S1).conj()).reshape(-1, H, N2).sum(0).to(la_dt)
+        return grad_coef, grad_la, None, None
+
+
 def vandermonde_kernel(coef: torch.Tensor, log_dA: torch.Tensor, L: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``K[..., h, l] = 2 Re sum_n coef[..., h, n] * exp(l * log_dA[h, n])`` for ``l < L``.
 
@@ -87,21 +142,12 @@ def vandermonde_kernel(coef: torch.Tensor, log_dA: torch.Tensor, L: int, *, dtyp
 
     Returns:
         (..., H, L) in ``dtype``. The power tables are always built in complex128 (see the
-        module docstring); autocast is disabled.
+        module docstring); autocast is disabled. Differentiable in ``coef`` and ``log_dA``
+        (hand-written backward, same tables and matmul precision as the forward).
     """
     out_dtype = dtype or _real_dtype(coef)
-    c = _chunk_size(L)
-    m = -(-L // c)
     with torch.autocast(device_type=coef.device.type, enabled=False):
-        log_dA = log_dA.to(torch.complex128)
-        V = _powers(log_dA, c)  # (H, N2, c): dA^r
-        P = _powers(log_dA, m, stride=c)  # (H, N2, m): dA^(c j)
-        W = coef.to(torch.complex128).unsqueeze(-1) * P  # (..., H, N2, m)
-        # 2 Re(W V) = [2 Re W, -2 Im W] @ [Re V; Im V]
-        W = torch.cat([W.real, -W.imag], dim=-2).transpose(-1, -2).mul(2).to(out_dtype)  # (..., H, m, 2 N2)
-        V = torch.cat([V.real, V.imag], dim=-2).to(out_dtype)  # (H, 2 N2, c)
-        K = torch.matmul(W, V)  # (..., H, m, c)
-    return K.flatten(-2)[..., :L]
+        return _VandermondeKernel.apply(coef, log_dA, L, out_dtype)
 
 
 def vandermonde_state(u: torch.Tensor, log_dA: torch.Tensor, dB: torch.Tensor) -> torch.Tensor:
