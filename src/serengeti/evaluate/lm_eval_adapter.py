@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from serengeti.mixers.base import StateError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048
@@ -242,7 +244,7 @@ class LMScorer:
         ids = torch.as_tensor([context], dtype=torch.long, device=device)
         try:
             state = self.model.allocate_state(1, max_len=len(context) + max_new)
-        except (RuntimeError, NotImplementedError, AttributeError, ValueError) as e:  # no recurrent mode
+        except (StateError, ValueError) as e:  # a mixer without a recurrent mode, or max_len > its l_max
             log.info("generation without a recurrent state (%s): re-running the prefix per token", e)
             state = None
         logits = self.model(ids, state=state)[:, -1] if state is not None else self.model(ids)[:, -1]
