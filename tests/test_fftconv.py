@@ -198,6 +198,22 @@ def test_causal_depthwise_conv_matches_conv1d(L, K, bias):
     assert torch.autograd.gradcheck(fn, tuple(args))
 
 
+def test_causal_depthwise_conv_under_bf16_autocast_like_conv1d():
+    """Regression: bf16 activations with fp32 weights under autocast crashed in backward
+    (mixed-dtype einsum); now all run in the autocast dtype, as conv1d does."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 12).bfloat16().requires_grad_()
+    w, b = torch.randn(4, 1, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = causal_depthwise_conv(x, w, b)
+        ref = F.conv1d(F.pad(x, (2, 0)), w, b, groups=4)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == b.grad.dtype == torch.float32
+    assert torch.isfinite(w.grad).all() and torch.all(b.grad == 24)  # 2 * 12 ones per channel
+
+
 def test_short_conv_step_matches_forward():
     torch.manual_seed(0)
     conv = ShortConv(6, 3).double()

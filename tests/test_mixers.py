@@ -114,6 +114,22 @@ def test_gradients_reach_every_parameter(name):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_bf16_autocast_forward_backward(name):
+    """Regression: Hyena's short conv crashed in backward under bf16 autocast (fp32 weight,
+    bf16 activations). Every mixer must train under autocast, close to its fp32 output."""
+    m = _build(name).eval()
+    x = torch.randn(2, 33, D_MODEL, requires_grad=True)
+    y32 = m(x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - y32).abs().max() <= 0.05 * y32.abs().max()
+    y.float().sum().backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), n
+
+
 # --- recurrent mode ---------------------------------------------------------------------------
 RECURRENT = ["h3", "h3_heads", "hyena2", "hyena3", "longconv"]
 

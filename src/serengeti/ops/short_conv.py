@@ -52,9 +52,17 @@ class _CausalDepthwiseConv(torch.autograd.Function):
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Causal depthwise conv: x (B, C, L), weight (C, 1, K), bias (C,) -> (B, C, L).
 
-    Equals ``F.conv1d(F.pad(x, (K-1, 0)), weight, bias, groups=C)`` (the reference form).
+    Equals ``F.conv1d(F.pad(x, (K-1, 0)), weight, bias, groups=C)`` (the reference form), also in
+    its dtype rule: under autocast all three run in the autocast dtype (as ``conv1d`` does),
+    otherwise in their promoted dtype; gradients return in each input's own dtype.
     """
-    return _CausalDepthwiseConv.apply(x, weight, bias)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return _CausalDepthwiseConv.apply(cast(x), cast(weight), cast(bias))
 
 
 class ShortConv(nn.Module):
