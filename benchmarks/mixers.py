@@ -13,12 +13,19 @@ from which a mixer stays faster than attention. One timed call is ``y = mixer(x)
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-import torch
+# Idle OpenMP threads sleep instead of spinning. On a shared, oversubscribed machine spinning makes
+# every parallel region wait for a descheduled thread: with 2 threads at load ~11 on 2 cores,
+# attention at 1K took 0.70 s spinning vs 0.27 s passive, and the many-small-op mixers lost 2-3x
+# more. Must be set before the OpenMP runtime starts (before importing torch).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from serengeti.mixers import H3, Attention, Hyena, HyenaS5, LongConv
+import torch  # noqa: E402
+
+from serengeti.mixers import H3, Attention, Hyena, HyenaS5, LongConv  # noqa: E402
 
 BUILDERS = {
     "attention": lambda d, L, a: Attention(d, l_max=L, num_heads=a.num_heads),
@@ -93,7 +100,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, d_model {args.d_model}, "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), fp32, d_model {args.d_model}, "
           f"B {args.batch}, attention heads {args.num_heads}, repeats {args.repeats} (interleaved, median), "
           f"warm-up up to L={args.warmup_max_len}")
     t0 = time.perf_counter()
