@@ -1,6 +1,8 @@
 """Checkpoint loading/export: round trips, tied weights, and clear errors for bad files."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -113,3 +115,23 @@ def test_corrupt_export(ckpt, tmp_path):
     (out / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(out)
+
+
+def test_bpe_tokenizer_is_copied_into_the_export(shared_data, tmp_path):
+    from serengeti.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(str(shared_data / "gpt2"))
+    record = tokenizer_record(tok)
+    assert record["kind"] == "bpe" and record["vocab_size"] == 50257
+    cfg = _cfg(record)
+    cfg["model"]["vocab_size"] = 50257
+    torch.manual_seed(0)
+    path = tmp_path / "bpe.ckpt"
+    _write_ckpt(path, cfg, build_model(cfg["model"]))
+    out = export(path, tmp_path / "e")
+    assert (out / "tokenizer.json").is_file()
+    record["name"] = str(tmp_path / "moved-away")  # the export must not need the original tokenizer files
+    (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "tokenizer": record}))
+    _, _, tok2 = load_model(out)
+    text = "Hello world<|endoftext|>"
+    assert tok2.encode_batch([text]) == tok.encode_batch([text]) and tok2.eos_id == 50256

@@ -88,6 +88,8 @@ def test_evaluate_errors(trained, tmp_path):
         evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt=hello"], tmp_path))
     with pytest.raises(EvalError, match="outside the vocabulary"):
         evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='12'"], tmp_path))
+    with pytest.raises(EvalError, match="no text tokenizer"):
+        evaluate(eval_cfg(["task=lm_eval", f"ckpt={ckpt}", "tasks=[piqa]"], tmp_path))
 
 
 def test_char_model_text_in_text_out(shared_data, tmp_path):

@@ -156,8 +156,11 @@ def task_lm_eval(cfg: DictConfig) -> dict:
     if tokenizer is None:
         raise EvalError(f"{path} has no text tokenizer (synthetic task); lm_eval needs one: pass tokenizer=<spec>")
     tasks = OmegaConf.to_container(cfg.tasks, resolve=True) if OmegaConf.is_config(cfg.get("tasks")) else cfg.get("tasks")
-    results = run_lm_eval(model, tokenizer, tasks, num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"),
-                          batch_size=int(cfg.get("batch_size") or 8), device=_device(cfg))
+    try:
+        results = run_lm_eval(model, tokenizer, tasks, num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"),
+                              batch_size=int(cfg.get("batch_size") or 8), device=_device(cfg))
+    except ImportError as e:  # lm_eval is an optional extra
+        raise EvalError(str(e)) from None
     metrics = results.get("results", {})
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "lm_eval.json"
     _write_json(out, json.loads(json.dumps(metrics, default=str)))
