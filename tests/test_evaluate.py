@@ -15,6 +15,7 @@ from omegaconf import open_dict
 from conftest import CONFIG_DIR, ROOT, compose_cfg
 from serengeti.checkpoint import CheckpointError
 from serengeti.evaluate.perplexity import EvalError
+from serengeti.evaluate.run import main as evaluate_main
 from serengeti.evaluate.run import run as evaluate
 from serengeti.train import run as train
 
@@ -114,6 +115,14 @@ def test_char_model_text_in_text_out(shared_data, tmp_path):
                            f"dataset.tokenizer={shared_data / 'gpt2'}", "dataset.train_split=null"], tmp_path / "w"))
 
 
+def test_main_exits_with_the_message(tmp_path):
+    with pytest.raises(SystemExit, match="error: checkpoint not found: .*none.ckpt"):
+        evaluate_main(eval_cfg([f"ckpt={tmp_path / 'none.ckpt'}"], tmp_path))
+    with pytest.raises(SystemExit, match="error: task='nope'"):
+        evaluate_main(eval_cfg(["task=nope"], tmp_path))
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds alone, much longer on a loaded machine
 def test_cli_reports_bad_input(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0")
     res = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"ckpt={tmp_path / 'none.ckpt'}",
