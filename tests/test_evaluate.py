@@ -129,3 +129,17 @@ def test_cli_reports_bad_input(tmp_path):
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=240)
     assert res.returncode != 0 and "error: checkpoint not found" in res.stderr and "none.ckpt" in res.stderr
+
+
+@pytest.mark.slow  # one tiny training run per mixer; the default suite covers the pipeline with the Transformer
+@pytest.mark.parametrize("mixer", ["h3", "hyena", "longconv", "hyena_s5"])
+def test_train_evaluate_generate_every_mixer(mixer, tmp_path):
+    metrics, ckpt = _train(tmp_path, [f"model={mixer}", "model.d_model=16", "dataset.num_examples=32",
+                                      "dataset.num_test_examples=16", "dataset.batch_size=8", "trainer.max_steps=4"])
+    res = evaluate(eval_cfg([f"ckpt={ckpt}"], tmp_path / "e"))
+    assert abs(res["val/loss"] - metrics["val/loss"]) <= 1e-4
+    out = tmp_path / "export"
+    evaluate(eval_cfg(["task=export", f"ckpt={ckpt}", f"out={out}"], tmp_path / "x"))
+    assert abs(evaluate(eval_cfg([f"ckpt={out}"], tmp_path / "e2"))["val/loss"] - metrics["val/loss"]) <= 1e-4
+    gen = evaluate(eval_cfg(["task=generate", f"ckpt={out}", "prompt='1 2 3'", "max_new_tokens=6"], tmp_path / "g"))
+    assert len(gen["tokens"][0]) == 6
