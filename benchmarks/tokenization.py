@@ -1,7 +1,7 @@
 """Tokenization throughput and token-cache reuse of the LM data pipeline, on real WikiText text.
 
-    python benchmarks/tokenize.py                          # ../shared/data, both raw splits
-    python benchmarks/tokenize.py --data /path/to/shared/data --repeats 3
+    python benchmarks/tokenization.py                          # ../shared/data, both raw splits
+    python benchmarks/tokenization.py --data /path/to/shared/data --repeats 3
 
 Three measurements in one run, all on the raw WikiText validation + test text with the GPT-2
 BPE tokenizer from ``<data>/gpt2``:
@@ -21,23 +21,17 @@ shared machine slows every number alike.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
-# this file is named like the standard library's ``tokenize``, which torch imports (via inspect):
-# drop the script's own directory from the import path before anything else is imported
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
+import numpy as np
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from serengeti.data.lm import WikiText  # noqa: E402
+from serengeti.data.lm import WikiText
 
 ROOT = Path(__file__).resolve().parents[1]
 
