@@ -22,7 +22,7 @@ def _import_target(target: str):
 
 def test_default_config_composes():
     cfg = compose_cfg()
-    assert cfg.dataset.task == "associative_recall" and cfg.model.mixer._target_.endswith("Attention")
+    assert cfg.dataset.task == "associative_recall" and cfg.model.mixer._target_.endswith("Hyena")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
