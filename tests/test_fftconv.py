@@ -14,13 +14,7 @@ from serengeti.ops.ssm_kernel import fir_conv
 LENGTHS = [1, 2, 7, 33, 100, 257]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (very slow on a shared 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loop_conv(u, k, D=None):

@@ -9,12 +9,7 @@ import torch
 from serengeti.ops.ssm_kernel import bilinear, shift_kernel, vandermonde_kernel, vandermonde_kernel_ref, vandermonde_state
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _s4d(H=3, N2=5, seed=0):

@@ -68,32 +68,32 @@ def _warmup(step: int, warmup_steps: int, init_ratio: float) -> float:
     return init_ratio + (1.0 - init_ratio) * step / max(1, warmup_steps)
 
 
-def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
-                    warmup_init_ratio: float = 0.0) -> LambdaLR:
-    """Linear warmup from ``warmup_init_ratio * lr`` to lr, then cosine to ``min_lr_ratio * lr`` at ``total_steps``."""
+def _warmup_then_decay(optimizer, decay, *, total_steps: int, warmup_steps: int, min_lr_ratio: float,
+                       warmup_init_ratio: float) -> LambdaLR:
+    """Linear warmup, then ``min_lr_ratio + (1 - min_lr_ratio) * decay(progress)``, progress 0 -> 1 at ``total_steps``."""
     _check_steps(total_steps, warmup_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return _warmup(step, warmup_steps, warmup_init_ratio)
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return min_lr_ratio + (1 - min_lr_ratio) * decay(progress)
 
     return LambdaLR(optimizer, factor)
+
+
+def cosine_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+                    warmup_init_ratio: float = 0.0) -> LambdaLR:
+    """Linear warmup from ``warmup_init_ratio * lr`` to lr, then cosine to ``min_lr_ratio * lr`` at ``total_steps``."""
+    return _warmup_then_decay(optimizer, lambda p: 0.5 * (1 + math.cos(math.pi * p)), total_steps=total_steps,
+                              warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, warmup_init_ratio=warmup_init_ratio)
 
 
 def linear_schedule(optimizer, *, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
                     warmup_init_ratio: float = 0.0) -> LambdaLR:
     """Linear warmup, then linear decay to ``min_lr_ratio * lr`` at ``total_steps`` (the H3 synthetics schedule)."""
-    _check_steps(total_steps, warmup_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return _warmup(step, warmup_steps, warmup_init_ratio)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - (1.0 - min_lr_ratio) * progress
-
-    return LambdaLR(optimizer, factor)
+    return _warmup_then_decay(optimizer, lambda p: 1.0 - p, total_steps=total_steps, warmup_steps=warmup_steps,
+                              min_lr_ratio=min_lr_ratio, warmup_init_ratio=warmup_init_ratio)
 
 
 def constant_schedule(optimizer, *, total_steps: int | None = None, warmup_steps: int = 0,
