@@ -248,6 +248,27 @@ def _num_heads(num_heads: int | None, d_model: int, source: str) -> int:
     return int(num_heads)
 
 
+def _split_layers(t: "_Taker", vocab_size: int | None, none_msg: str) -> tuple[dict, dict, list[str], list[int], list[int]]:
+    """Backbone keys, then the block prefixes split into attention blocks and mixer blocks (at least one)."""
+    cfg, ours, prefixes = _backbone(t, vocab_size)
+    attn = _attention_layers(t, prefixes)
+    mixers = [i for i in range(len(prefixes)) if i not in attn]
+    if not mixers:
+        raise ConversionError(f"{t.source}: {none_msg}")
+    return cfg, ours, prefixes, attn, mixers
+
+
+def _finish_attention(t: "_Taker", prefixes: list[str], attn: list[int], cfg: dict, ours: dict,
+                      num_heads: int | None) -> None:
+    """Convert the attention blocks, check no reference key is left, and record the hybrid config."""
+    for i in attn:
+        _attention(t, prefixes[i], f"layers.{i}.mixer.", ours)
+    t.finish()
+    if attn:
+        cfg["attn_layer_idx"] = attn
+        cfg["attn_cfg"] = {"num_heads": _num_heads(num_heads, cfg["d_model"], t.source), "dropout": 0.0}
+
+
 # --- H3 ------------------------------------------------------------------------------------------
 
 def convert_h3_state(sd: Mapping[str, torch.Tensor], *, source: str = "<state dict>", vocab_size: int | None = None,
@@ -255,12 +276,8 @@ def convert_h3_state(sd: Mapping[str, torch.Tensor], *, source: str = "<state di
     """Reference ``SSMLMHeadModel`` state dict -> ``(serengeti model cfg, serengeti state dict)``."""
     t = _Taker(remap_legacy(sd), source)
     t.kind = "H3 (safari-h3)"
-    cfg, ours, prefixes = _backbone(t, vocab_size)
+    cfg, ours, prefixes, attn, ssm_layers = _split_layers(t, vocab_size, "no H3 layers (no mixer.kernel.kernel.* keys)")
     D = cfg["d_model"]
-    attn = _attention_layers(t, prefixes)
-    ssm_layers = [i for i in range(len(prefixes)) if i not in attn]
-    if not ssm_layers:
-        raise ConversionError(f"{source}: no H3 layers (no mixer.kernel.kernel.* keys)")
     first = prefixes[ssm_layers[0]]
     N = t.peek(first + "ssm_k_kernel.kernel.B").shape[-1]
     H = t.peek(first + "D").shape[0]
@@ -285,13 +302,8 @@ def convert_h3_state(sd: Mapping[str, torch.Tensor], *, source: str = "<state di
         ours[q + "log_neg_A_real"] = tile(t.take(p + "kernel.kernel.inv_A_real", (S, N2)))
         ours[q + "A_imag"] = tile(t.take(p + "kernel.kernel.A_imag", (S, N2)))
         ours[q + "B"] = tile(t.take(p + "kernel.kernel.B", (S, N2, 2)))
-    for i in attn:
-        _attention(t, prefixes[i], f"layers.{i}.mixer.", ours)
-    t.finish()
+    _finish_attention(t, prefixes, attn, cfg, ours, num_heads)
     cfg["mixer"] = {"_target_": "serengeti.mixers.H3", "_partial_": True, "d_state": int(N), "head_dim": D // H}
-    if attn:
-        cfg["attn_layer_idx"] = attn
-        cfg["attn_cfg"] = {"num_heads": _num_heads(num_heads, D, source), "dropout": 0.0}
     return cfg, ours
 
 
@@ -302,12 +314,8 @@ def convert_hyena_state(sd: Mapping[str, torch.Tensor], *, source: str = "<state
     """Reference ``ConvLMHeadModel`` (Hyena layers) state dict -> ``(serengeti model cfg, state dict)``."""
     t = _Taker(remap_legacy(sd, hyena=True), source)
     t.kind = "Hyena (safari-hyena)"
-    cfg, ours, prefixes = _backbone(t, vocab_size)
+    cfg, ours, prefixes, attn, hy = _split_layers(t, vocab_size, "no Hyena layers (no mixer.filter_fn.* keys)")
     D = cfg["d_model"]
-    attn = _attention_layers(t, prefixes)
-    hy = [i for i in range(len(prefixes)) if i not in attn]
-    if not hy:
-        raise ConversionError(f"{source}: no Hyena layers (no mixer.filter_fn.* keys)")
     first = prefixes[hy[0]]
     order = t.peek(first + "in_proj.weight").shape[0] // D - 1
     _, l_max, emb_dim = t.peek(first + "filter_fn.pos_emb.z").shape
@@ -347,17 +355,12 @@ def convert_hyena_state(sd: Mapping[str, torch.Tensor], *, source: str = "<state
             raise ConversionError(f"{source}: {f}implicit_filter.*.freq differ; the reference shares one Sin module")
         for s in sin_idx:
             ours[f"{g}implicit_filter.{s}.freq"] = freqs[0]
-    for i in attn:
-        _attention(t, prefixes[i], f"layers.{i}.mixer.", ours)
-    t.finish()
+    _finish_attention(t, prefixes, attn, cfg, ours, num_heads)
     cfg["l_max"] = int(l_max)
     cfg["mixer"] = {"_target_": "serengeti.mixers.Hyena", "_partial_": True, "order": int(order),
                     "filter_order": int(filter_order), "emb_dim": int(emb_dim), "num_inner_mlps": int(num_inner_mlps),
                     "short_filter_order": int(short), "modulate": bool(modulate), "shift": 0.0,
                     "lr_pos_emb": 1e-5, "dropout": 0.0}
-    if attn:
-        cfg["attn_layer_idx"] = attn
-        cfg["attn_cfg"] = {"num_heads": _num_heads(num_heads, D, source), "dropout": 0.0}
     return cfg, ours
 
 
