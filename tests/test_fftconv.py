@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from serengeti.ops.fftconv import direct_conv_ref, fast_fft_size, fftconv
 from serengeti.ops.gated_fftconv import gated_fftconv, gated_fftconv_ref
 from serengeti.ops.short_conv import ShortConv, causal_depthwise_conv
+from serengeti.ops import ssm_kernel
 from serengeti.ops.ssm_kernel import fir_conv
 
 LENGTHS = [1, 2, 7, 33, 100, 257]
@@ -149,9 +150,16 @@ def test_gated_fftconv_rejects_bad_shapes():
         gated_fftconv(u, torch.randn(3, 8), pre=torch.randn(2, 3, 7))
 
 
+@pytest.fixture(params=["toeplitz", "fft"])
+def fir_path(request, monkeypatch):
+    """Runs a test through each of fir_conv's two paths (block-Toeplitz matmul, FFT for few chunk rows)."""
+    monkeypatch.setattr(ssm_kernel, "FIR_FFT_MAX_ROWS", 0 if request.param == "toeplitz" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("L", [1, 5, 63, 64, 65, 200])
 @pytest.mark.parametrize("N", [1, 4, 64, 80])
-def test_fir_conv_matches_direct_conv(L, N):
+def test_fir_conv_matches_direct_conv(L, N, fir_path):
     torch.manual_seed(L * 100 + N)
     u, taps, D = torch.randn(2, 3, L, dtype=torch.float64), torch.randn(3, N, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     torch.testing.assert_close(fir_conv(u, taps, D), direct_conv_ref(u, taps, D), rtol=0, atol=1e-12)
@@ -162,7 +170,7 @@ def test_fir_conv_matches_direct_conv(L, N):
     torch.testing.assert_close(fir_conv(u, taps, D, history=hist), full, rtol=0, atol=1e-12)
 
 
-def test_fir_conv_grads_match_direct_conv_and_float32():
+def test_fir_conv_grads_match_direct_conv_and_float32(fir_path):
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64, requires_grad=True)
     u, taps, D, hist = torch.randn(1, 2, 150, **f64), torch.randn(2, 5, **f64), torch.randn(2, **f64), torch.randn(1, 2, 5, **f64)

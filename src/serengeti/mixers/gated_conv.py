@@ -85,12 +85,8 @@ class GatedConvMixer(Mixer):
 
     # --- recurrent mode ------------------------------------------------------------------
     def allocate_conv_buffer(self, batch_size: int, *, device=None, dtype=None) -> torch.Tensor:
-        """Zeros (B, (N+1)D, K-1): the short conv's last K-1 projected inputs."""
-        w = self.in_proj.weight
-        return torch.zeros(
-            batch_size, w.shape[0], self.short_filter.kernel_size - 1,
-            device=device or w.device, dtype=dtype or w.dtype,
-        )
+        """Zeros (B, K-1, (N+1)D): the short conv's last K-1 projected inputs."""
+        return self.short_filter.allocate_buffer(batch_size, device=device, dtype=dtype)
 
     def conv_buffer_after(self, z: torch.Tensor) -> torch.Tensor:
         """Short-conv buffer at the end of a prompt, from ``z: (B, (N+1)D, L)`` of :meth:`project`."""
@@ -101,7 +97,7 @@ class GatedConvMixer(Mixer):
 
         Args:
             x_t: (B, D).
-            conv_buf: (B, (N+1)D, K-1) from :meth:`allocate_conv_buffer` / :meth:`conv_buffer_after`.
+            conv_buf: (B, K-1, (N+1)D) from :meth:`allocate_conv_buffer` / :meth:`conv_buffer_after`.
 
         Returns:
             ``(slices, conv_buf)``: N+1 tensors (B, D) and the updated buffer.

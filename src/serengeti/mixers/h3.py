@@ -26,7 +26,9 @@ from torch import nn
 
 from serengeti.mixers.base import Mixer, linear_channels_first
 from serengeti.ops.gated_fftconv import gated_fftconv
-from serengeti.ops.ssm_kernel import bilinear, fir_conv, shift_kernel, vandermonde_kernel, vandermonde_state
+from serengeti.ops.ssm_kernel import (
+    bilinear, fir_conv, power_tables, shift_kernel, vandermonde_kernel, vandermonde_state,
+)
 from serengeti.optim_tags import set_optim
 
 
@@ -131,7 +133,9 @@ class H3(Mixer):
         B = torch.view_as_complex(self.B.double())
         C = torch.view_as_complex(self.C.double())
         dA, dB = bilinear(dt, A, B)
-        return dA, torch.log(dA) if with_log else None, dB, C
+        # log(dA) from its modulus and angle: torch.log on complex128 costs 2x as much on CPU
+        log_dA = torch.complex(torch.log(dA.abs()), dA.angle()) if with_log else None
+        return dA, log_dA, dB, C
 
     def _real_dtype(self) -> torch.dtype:
         return torch.float64 if self.C.dtype == torch.float64 else torch.float32
@@ -175,13 +179,15 @@ class H3(Mixer):
 
         dA, log_dA, dB, C = self._discretize()
         real = self._real_dtype()
-        K = vandermonde_kernel(C * dB, log_dA, L, dtype=real)  # (H, L)
+        # a prefill also needs the end state, from the same power tables: build them once
+        tables = None if state is None else power_tables(log_dA, L)
+        K = vandermonde_kernel(C * dB, log_dA, L, dtype=real, tables=tables)  # (H, L)
         fresh = state is None or state.seqlen == 0  # no prior state whose response must be added
         if self.head_dim == 1 and fresh:
             # q . (K * (k~ . v) + D . (k~ . v)) as one fused, gated FFT convolution
             y = gated_fftconv(k_s, K, self.D, pre=v, post=q)  # (B, D, L)
             if state is not None:
-                self._advance(state, self._outer(k_s, v), k, log_dA, dB)
+                self._advance(state, self._outer(k_s, v), k, log_dA, dB, tables)
             return self.output_linear(y.mT)
         kv = self._outer(k_s, v)  # (B, hd, hd, H, L)
         y = gated_fftconv(kv.flatten(0, 2), K, self.D).view_as(kv)
@@ -189,15 +195,16 @@ class H3(Mixer):
             if not fresh:
                 # the prior state's response: y_t += 2 Re sum_n C_n dA_n^(t+1) x0_n
                 x0 = state.x.to(torch.complex128)
-                y = y + vandermonde_kernel(C * dA * x0, log_dA, L, dtype=real).to(y.dtype)
-            self._advance(state, kv, k, log_dA, dB)
+                y = y + vandermonde_kernel(C * dA * x0, log_dA, L, dtype=real, tables=tables).to(y.dtype)
+            self._advance(state, kv, k, log_dA, dB, tables)
         y = self._contract_q(y, q)  # (B, D, L)
         return self.output_linear(y.mT)
 
-    def _advance(self, state: H3State, kv: torch.Tensor, k: torch.Tensor, log_dA: torch.Tensor, dB: torch.Tensor):
+    def _advance(self, state: H3State, kv: torch.Tensor, k: torch.Tensor, log_dA: torch.Tensor, dB: torch.Tensor,
+                 tables: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Move ``state`` past a chunk: kv (B, hd, hd, H, L) enters the diagonal SSM, k (B, D, L) the shift SSM."""
         L = kv.shape[-1]
-        x_end = vandermonde_state(kv.to(self._real_dtype()), log_dA, dB)
+        x_end = vandermonde_state(kv.to(self._real_dtype()), log_dA, dB, tables)
         if state.seqlen > 0:
             x_end = x_end + torch.exp(log_dA * L) * state.x.to(torch.complex128)
         state.x = x_end.to(state.x.dtype)

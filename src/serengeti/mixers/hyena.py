@@ -172,7 +172,7 @@ class HyenaState:
     """Generation state of one Hyena layer.
 
     Attributes:
-        conv_buf: (B, (N+1)D, K-1) the short conv's last K-1 projected inputs.
+        conv_buf: (B, K-1, (N+1)D) the short conv's last K-1 projected inputs.
         long_convs: N-1 :class:`~serengeti.ops.conv_history.ConvHistory`, one per long filter:
             its cached filter (D, max_len) and the history of its gated inputs (B, D, max_len),
             float32 (float64 for a float64 model).

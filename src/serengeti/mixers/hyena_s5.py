@@ -29,7 +29,7 @@ class HyenaS5State:
     """Generation state of one Hyena-S5 layer; O(1) in the sequence length.
 
     Attributes:
-        conv_buf: (B, (N+1)D, K-1) the short conv's last K-1 projected inputs.
+        conv_buf: (B, K-1, (N+1)D) the short conv's last K-1 projected inputs.
         ssm: N-1 :class:`~serengeti.mixers.s5.S5State`, each ``x: (B, P_)`` complex.
         seqlen: positions consumed so far.
     """

@@ -12,6 +12,8 @@ runs in complex64 with autocast disabled (complex128 for a float64 module, as in
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 
@@ -295,15 +297,19 @@ class S5(Mixer):
         self._require_state(state, "S5")
         if self.bidirectional:
             raise StateError("S5 with model.mixer.bidirectional=true has no recurrent mode (it reads the future)")
-        with torch.autocast(device_type=x_t.device.type, enabled=False):
-            real = torch.float64 if self.B.dtype == torch.float64 else torch.float32
-            u = x_t.to(real)
+        # One token is a handful of tiny ops, so their count is the cost: no autocast context unless
+        # autocast is on, no casts that are no-ops, and fused multiply-adds.
+        no_autocast = torch.autocast(device_type=x_t.device.type, enabled=False) \
+            if torch.is_autocast_enabled(x_t.device.type) else contextlib.nullcontext()
+        with no_autocast:
             if state.Lam_bar is not None:
                 Lam_bar, W_in, W_out = state.Lam_bar, state.W_in, state.W_out
             else:
                 (Lam_bar, W_in), W_out = self._system(), self._readout()[: 2 * self.P]
+            u = x_t if x_t.dtype == W_in.dtype else x_t.to(W_in.dtype)
             Bu = torch.view_as_complex((u @ W_in).unflatten(-1, (self.P, 2)))  # (B, P_)
-            xs = Lam_bar * state.x.to(Lam_bar.dtype) + Bu
-            y = torch.view_as_real(xs).flatten(-2) @ W_out + self.D.to(real) * u
-            state.x = xs.to(state.x.dtype)
-        return self._activate(y.to(x_t.dtype)), state
+            xs = torch.addcmul(Bu, Lam_bar, state.x if state.x.dtype == Bu.dtype else state.x.to(Bu.dtype))
+            D = self.D if self.D.dtype == u.dtype else self.D.to(u.dtype)
+            y = torch.addmm(D * u, torch.view_as_real(xs).flatten(-2), W_out)  # C̃x + Du
+            state.x = xs if xs.dtype == state.x.dtype else xs.to(state.x.dtype)
+        return self._activate(y if y.dtype == x_t.dtype else y.to(x_t.dtype)), state

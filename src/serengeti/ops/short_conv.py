@@ -84,14 +84,20 @@ class ShortConv(nn.Module):
         """x: (B, C, L) -> (B, C, L), causal."""
         return causal_depthwise_conv(x, self.weight, self.bias)
 
+    # --- recurrent mode: the buffer is time-major, (B, K-1, C), so every step op runs over contiguous C ---
+    def allocate_buffer(self, batch_size: int, *, device=None, dtype=None) -> torch.Tensor:
+        """Zeros (B, K-1, C): the step buffer before any input."""
+        return torch.zeros(batch_size, self.kernel_size - 1, self.weight.shape[0],
+                           device=device or self.weight.device, dtype=dtype or self.weight.dtype)
+
     def history(self, x: torch.Tensor) -> torch.Tensor:
-        """The last K-1 inputs of ``x: (B, C, L)`` as a step buffer (B, C, K-1), zero-padded on the left."""
-        return F.pad(x, (self.kernel_size - 1, 0))[..., x.shape[-1]:]
+        """The last K-1 inputs of ``x: (B, C, L)`` as a step buffer (B, K-1, C), zero-padded on the left."""
+        return F.pad(x, (self.kernel_size - 1, 0))[..., x.shape[-1]:].transpose(1, 2)
 
     def step(self, x_t: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step. x_t: (B, C), buf: (B, C, K-1) -> (y_t (B, C), new buf)."""
-        window = torch.cat([buf, x_t.unsqueeze(-1)], dim=-1)  # (B, C, K)
-        y = torch.einsum("bck,ck->bc", window, self.weight[:, 0])
+        """One step. x_t: (B, C), buf: (B, K-1, C) -> (y_t (B, C), new buf (B, K-1, C))."""
+        window = torch.cat([buf, x_t.unsqueeze(1)], dim=1)  # (B, K, C), oldest first
+        y = (window * self.weight[:, 0].T).sum(1)  # a multiply-add over contiguous C (einsum here costs 2x)
         if self.bias is not None:
             y = y + self.bias
-        return y, window[..., 1:]
+        return y, window[:, 1:]
