@@ -144,6 +144,21 @@ def flatten(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- model
+class SequenceDropout(nn.Dropout):
+    """Dropout on (B, L, D); ``tie=True`` draws one mask per (sample, channel) and applies it at every position
+    (the S4 family's tied dropout: drops whole channels of a sequence, and costs 1/L of the random draws)."""
+
+    def __init__(self, p: float, tie: bool = False):
+        super().__init__(p)
+        self.tie = tie
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.tie and self.training and self.p > 0):
+            return super().forward(x)
+        keep = torch.empty(x.shape[0], 1, x.shape[-1], device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
 class LongConv(nn.Module):
     """Explicit long convolution over time, ``channels`` kernels per model channel.
 
@@ -153,12 +168,12 @@ class LongConv(nn.Module):
     """
 
     def __init__(self, d_model: int, l_max: int, *, channels: int = 2, bidirectional: bool = True, dropout: float = 0.1,
-                 kernel_lam: float = 1e-3, kernel_dropout: float = 0.2, kernel_smooth: int = 0):
+                 tie_dropout: bool = False, kernel_lam: float = 1e-3, kernel_dropout: float = 0.2, kernel_smooth: int = 0):
         super().__init__()
         self.bidirectional, self.kernel_lam, self.kernel_smooth = bidirectional, kernel_lam, kernel_smooth
         self.kernel = nn.Parameter(0.002 * torch.randn(channels, d_model, 2 if bidirectional else 1, l_max))
         self.D = nn.Parameter(torch.randn(channels, d_model))
-        self.kernel_drop, self.drop = nn.Dropout(kernel_dropout), nn.Dropout(dropout)
+        self.kernel_drop, self.drop = nn.Dropout(kernel_dropout), SequenceDropout(dropout, tie_dropout)
         self.out_proj = nn.Linear(channels * d_model, 2 * d_model)
 
     def regularised_kernel(self) -> torch.Tensor:
@@ -204,13 +219,14 @@ class LongConvClassifier(nn.Module):
     """x: (B, L, d_input) -> logits (B, n_classes); ``features`` gives the per-position states (B, L, D)."""
 
     def __init__(self, d_input: int, n_classes: int = 10, *, d_model: int = 256, n_layers: int = 6, l_max: int = 1024,
-                 dropout: float = 0.1, prenorm: bool = False, **conv_kwargs):
+                 dropout: float = 0.1, tie_dropout: bool = False, prenorm: bool = False, **conv_kwargs):
         super().__init__()
         self.prenorm = prenorm
         self.encoder = nn.Linear(d_input, d_model)
-        self.convs = nn.ModuleList(LongConv(d_model, l_max, dropout=dropout, **conv_kwargs) for _ in range(n_layers))
+        self.convs = nn.ModuleList(LongConv(d_model, l_max, dropout=dropout, tie_dropout=tie_dropout, **conv_kwargs)
+                                   for _ in range(n_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
-        self.drop = nn.Dropout(dropout)
+        self.drop = SequenceDropout(dropout, tie_dropout)
         self.decoder = nn.Linear(d_model, n_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -314,6 +330,8 @@ def parse_args(argv=None):
     model.add_argument("--n-layers", type=int, default=6, help="number of residual long-convolution layers")
     model.add_argument("--channels", type=int, default=2, help="kernels per model channel")
     model.add_argument("--dropout", type=float, default=0.1, help="dropout on activations and residual branches")
+    model.add_argument("--tie-dropout", action="store_true",
+                       help="one dropout mask per (image, channel) shared by all 1024 positions (S4's tied dropout)")
     model.add_argument("--kernel-dropout", type=float, default=0.2, help="dropout on the kernel taps")
     model.add_argument("--kernel-lam", type=float, default=1e-3, help="squash threshold: taps with |k| below it are zeroed")
     model.add_argument("--kernel-smooth", type=int, default=0, help="moving-average window on the kernel taps (0: off)")
@@ -338,14 +356,19 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation and dropout")
     run.add_argument("--history", default=None,
                      help="write the per-epoch curve (seconds, CPU seconds, losses, test accuracy) and the flags as JSON here")
+    run.add_argument("--eval-every", type=int, default=1,
+                     help="test every N epochs (and after the last; each test pass costs ~40%% of a training epoch's images)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     """Trains and tests. Returns {"history": [{epoch, seconds, train_loss, test_loss, test_acc}, ...] (epoch 0 is
-    the untrained model; seconds count from before it), "test_acc": the last epoch's, "model": the trained model}."""
+    the untrained model; seconds count from before it; test_* are None on epochs skipped by --eval-every),
+    "test_acc": the last epoch's, "model": the trained model}."""
     args = parse_args(argv)
+    if args.eval_every < 1:
+        raise SystemExit(f"--eval-every must be >= 1, got {args.eval_every}")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -357,7 +380,7 @@ def main(argv=None) -> dict:
         x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
 
     model = LongConvClassifier(1 if args.grayscale else 3, d_model=args.d_model, n_layers=args.n_layers,
-                               dropout=args.dropout, prenorm=args.prenorm, channels=args.channels,
+                               dropout=args.dropout, tie_dropout=args.tie_dropout, prenorm=args.prenorm, channels=args.channels,
                                bidirectional=args.bidirectional, kernel_lam=args.kernel_lam,
                                kernel_dropout=args.kernel_dropout, kernel_smooth=args.kernel_smooth).to(device)
     opt = make_optimizer(model, args)
@@ -376,13 +399,14 @@ def main(argv=None) -> dict:
     with Progress(console=console, transient=True, disable=args.quiet) as progress:
         for epoch in range(args.epochs + 1):  # epoch 0: the untrained model, the start of the curve
             train_loss = train_epoch(model, opt, sched, x_train, y_train, args, gen, aug_gen, device, progress) if epoch else None
-            test_loss, test_acc = evaluate(model, x_test, y_test, args, device)
+            tested = epoch % args.eval_every == 0 or epoch == args.epochs
+            test_loss, test_acc = evaluate(model, x_test, y_test, args, device) if tested else (None, None)
             history.append(dict(epoch=epoch, seconds=round(time.perf_counter() - start, 1),
                                 cpu_seconds=round(time.process_time() - cpu_start, 1), train_loss=train_loss,
                                 test_loss=test_loss, test_acc=test_acc))
             console.print(f"epoch {epoch:3d}  {history[-1]['seconds']:7.1f}s ({history[-1]['cpu_seconds']:.0f} CPU s)  train loss "
-                          f"{'-' if train_loss is None else f'{train_loss:.4f}'}  test loss {test_loss:.4f}  "
-                          f"test acc {100 * test_acc:.2f}%")
+                          f"{'-' if train_loss is None else f'{train_loss:.4f}'}" + (
+                              f"  test loss {test_loss:.4f}  test acc {100 * test_acc:.2f}%" if tested else ""))
             if args.history:  # after every epoch, so an interrupted run still leaves its curve
                 write_json_atomic(args.history, {"args": vars(args), "history": history})
     console.print(f"final test accuracy: {100 * history[-1]['test_acc']:.2f}% after {args.epochs} epochs, "

@@ -292,3 +292,21 @@ def test_one_epoch_on_real_images_is_quick_and_lowers_the_loss():
     # The bound is one minute on CPU. Process CPU time, unlike wall time, does not grow when other jobs share
     # the cores; this run needs a few CPU seconds.
     assert end["cpu_seconds"] < 60
+
+
+def test_eval_every_skips_tests_but_always_tests_the_last_epoch(synthetic_npz):
+    result = sc.main(["--data", str(synthetic_npz), "--epochs", "3", "--eval-every", "2", "--max-train", "32",
+                      "--max-test", "16", *TINY])
+    tested = [r["test_acc"] is not None for r in result["history"]]
+    assert tested == [True, False, True, True]
+    assert result["test_acc"] == result["history"][-1]["test_acc"]
+    with pytest.raises(SystemExit, match="eval-every"):
+        sc.main(["--data", str(synthetic_npz), "--eval-every", "0", *TINY])
+
+
+def test_tied_dropout_shares_one_mask_across_positions():
+    drop = sc.SequenceDropout(0.5, tie=True).train()
+    y = drop(torch.ones(4, 1024, 8))
+    assert torch.equal(y, y[:, :1].expand_as(y))  # the same mask at every position
+    assert set(y.unique().tolist()) <= {0.0, 2.0} and 0 < (y == 0).float().mean() < 1
+    assert torch.equal(drop.eval()(torch.ones(2, 3, 4)), torch.ones(2, 3, 4))
