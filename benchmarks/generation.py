@@ -2,6 +2,11 @@
 
     python benchmarks/generation.py                         # contexts 128, 1K, 4K; 4 layers, d_model 256
     python benchmarks/generation.py --contexts 128 4096 --new-tokens 64 --models transformer h3
+    python benchmarks/generation.py --vocab 1024    # a small head, so the sequence mixers dominate
+
+With the GPT-2 vocabulary the fp32 tied head (50257 x 256, 51 MB) is read from memory for every
+token by every model; on a CPU with little memory bandwidth it is most of the per-token time and
+hides the mixers' difference (experiments.md, "Generation latency").
 
 Every model is the repository's LM (``configs/model/<name>.yaml``) at 4 layers, d_model 256 and
 the GPT-2 vocabulary (50257, so the LM head costs what it costs in a real LM), in eval mode,
@@ -11,7 +16,8 @@ float32, batch 1. For each context C a random prompt of C tokens is prefilled on
 are timed in interleaved rounds (every context and model once per round) so load changes on a
 shared machine hit all of them; each entry is the median over rounds. Printed: ms/token,
 tokens/s, prefill ms, and the ratios transformer/model (> 1: faster than the KV-cache
-Transformer) and latency(C)/latency(first C) (flatness).
+Transformer; as a ratio of medians and as the median of the per-round ratios) and
+latency(C)/latency(first C) (flatness).
 """
 from __future__ import annotations
 
@@ -87,13 +93,17 @@ def main() -> None:
     lat = {n: {C: statistics.median(r[0] for r in runs[n, C]) for C in args.contexts} for n in names}
     pre = {n: {C: statistics.median(r[1] for r in runs[n, C]) for C in args.contexts} for n in names}
 
+    # Ratios within a round share the machine's state at that moment; their median is steadier than a
+    # ratio of medians when the machine's speed drifts between rounds.
+    tf_ratio = {(n, C): statistics.median(t[0] / m[0] for t, m in zip(runs["transformer", C], runs[n, C]))
+                for n in names for C in args.contexts}
     c0 = args.contexts[0]
     print(f"\n{'model':<12} {'context':>7} {'ms/token':>9} {'tokens/s':>9} {'prefill ms':>11} "
-          f"{'tf/model':>9} {'vs ctx ' + str(c0):>11} {'prefill/tf':>11}")
+          f"{'tf/model':>9} {'(per round)':>11} {'vs ctx ' + str(c0):>11} {'prefill/tf':>11}")
     for n in names:
         for C in args.contexts:
             print(f"{n:<12} {C:>7} {lat[n][C]:>9.2f} {1e3 / lat[n][C]:>9.0f} {pre[n][C]:>11.1f} "
-                  f"{lat['transformer'][C] / lat[n][C]:>9.2f} {lat[n][C] / lat[n][c0]:>11.2f} "
+                  f"{lat['transformer'][C] / lat[n][C]:>9.2f} {tf_ratio[n, C]:>11.2f} {lat[n][C] / lat[n][c0]:>11.2f} "
                   f"{pre[n][C] / pre['transformer'][C]:>11.2f}")
 
 
