@@ -13,7 +13,6 @@ runs in complex64 with autocast disabled (complex128 for a float64 module, as in
 from __future__ import annotations
 
 import contextlib
-
 import math
 from dataclasses import dataclass
 

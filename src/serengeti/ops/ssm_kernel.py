@@ -183,7 +183,8 @@ def vandermonde_state(u: torch.Tensor, log_dA: torch.Tensor, dB: torch.Tensor,
     Returns:
         (..., H, N2) complex128 (to be rounded by the caller to its state dtype). The matmul runs
         in ``u``'s precision (float32 unless ``u`` is float64), with the same chunked power
-        tables as :func:`vandermonde_kernel`, never (H, N2, L) at once.
+        tables as :func:`vandermonde_kernel`, never (H, N2, L) at once. Differentiable in ``u``
+        and ``dB``, not in ``log_dA`` (it is for recurrent states, which carry no gradient).
     """
     real = _real_dtype(u)
     L = u.shape[-1]
