@@ -159,6 +159,32 @@ class SequenceDropout(nn.Dropout):
         return x * keep / (1 - self.p)
 
 
+def init_kernel(shape: tuple[int, ...], kind: str, width: int = 32) -> torch.Tensor:
+    """Initial taps of shape (channels, D, sides, l_max).
+
+    ``noise``: i.i.d. N(0, 0.002^2), every lag alike. ``decay``: N(0, 1) taps times exp(-distance / tau), one decay
+    length tau per model channel, log-spaced from 1 to the largest distance, each kernel then scaled to L2 norm 0.5:
+    some channels start local and others global, as an SSM's kernels do. The distance of lag j is j itself, or with
+    ``decay2d`` the distance in the image between a pixel and the one j steps away in raster order (rows of
+    ``width`` pixels), so that local kernels start as small 2-D neighbourhoods.
+    """
+    if kind == "noise":
+        return 0.002 * torch.randn(shape)
+    channels, d_model, sides, l_max = shape
+    lag = torch.arange(l_max, dtype=torch.float32)
+    signed = torch.stack([lag, lag + 1])[:sides]  # |lag| of the taps: side 0 holds lags j, side 1 lags -(j + 1)
+    if kind == "decay":
+        dist = signed
+    elif kind == "decay2d":
+        rows = torch.round(signed / width)
+        dist = torch.hypot(rows, signed - width * rows)
+    else:
+        raise ValueError(f"--kernel-init must be 'noise', 'decay' or 'decay2d', got {kind!r}")
+    tau = torch.logspace(0, math.log10(float(dist.max()) + 1), d_model)[:, None, None]  # (D, 1, 1)
+    k = torch.randn(shape) * torch.exp(-dist / tau)
+    return 0.5 * k / k.norm(dim=-1, keepdim=True)
+
+
 class LongConv(nn.Module):
     """Explicit long convolution over time, ``channels`` kernels per model channel.
 
@@ -168,10 +194,11 @@ class LongConv(nn.Module):
     """
 
     def __init__(self, d_model: int, l_max: int, *, channels: int = 2, bidirectional: bool = True, dropout: float = 0.1,
-                 tie_dropout: bool = False, kernel_lam: float = 1e-3, kernel_dropout: float = 0.2, kernel_smooth: int = 0):
+                 tie_dropout: bool = False, kernel_lam: float = 1e-3, kernel_dropout: float = 0.2, kernel_smooth: int = 0,
+                 kernel_init: str = "noise"):
         super().__init__()
         self.bidirectional, self.kernel_lam, self.kernel_smooth = bidirectional, kernel_lam, kernel_smooth
-        self.kernel = nn.Parameter(0.002 * torch.randn(channels, d_model, 2 if bidirectional else 1, l_max))
+        self.kernel = nn.Parameter(init_kernel((channels, d_model, 2 if bidirectional else 1, l_max), kernel_init))
         self.D = nn.Parameter(torch.randn(channels, d_model))
         self.kernel_drop, self.drop = nn.Dropout(kernel_dropout), SequenceDropout(dropout, tie_dropout)
         self.out_proj = nn.Linear(channels * d_model, 2 * d_model)
@@ -284,13 +311,17 @@ def train_epoch(model, opt, sched, x, y, args, gen, aug_gen, device, progress=No
 
 @torch.no_grad()
 def evaluate(model, x, y, args, device) -> tuple[float, float]:
-    """Returns (mean loss, accuracy) on uint8 images x (N, 32, 32, 3) without augmentation."""
+    """Returns (mean loss, accuracy) on uint8 images x (N, 32, 32, 3) without augmentation; with ``args.tta`` the
+    logits are the mean of the image's and its mirror image's."""
     model.eval()
     loss, correct = 0.0, 0
     for xb, yb in batches(x, y, 2 * args.batch_size):
         xb, yb = xb.to(device), yb.to(device)
+        img = to_sequence(xb, args.grayscale)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(flatten(to_sequence(xb, args.grayscale))).float()
+            logits = model(flatten(img)).float()
+            if args.tta:
+                logits = (logits + model(flatten(img.flip(-1))).float()) / 2
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
         correct += (logits.argmax(-1) == yb).sum().item()
     return loss / len(x), correct / len(x)
@@ -335,6 +366,8 @@ def parse_args(argv=None):
     model.add_argument("--kernel-dropout", type=float, default=0.2, help="dropout on the kernel taps")
     model.add_argument("--kernel-lam", type=float, default=1e-3, help="squash threshold: taps with |k| below it are zeroed")
     model.add_argument("--kernel-smooth", type=int, default=0, help="moving-average window on the kernel taps (0: off)")
+    model.add_argument("--kernel-init", choices=("noise", "decay", "decay2d"), default="noise",
+                       help="kernel taps at init: small i.i.d. noise, or noise decaying with the lag (decay) or the 2-D pixel distance (decay2d) at scales from one pixel to the whole image")
     model.add_argument("--prenorm", action="store_true", help="normalise before each layer (default: after, post-norm)")
     direction = model.add_mutually_exclusive_group()
     direction.add_argument("--bidirectional", dest="bidirectional", action="store_true", default=True,
@@ -358,6 +391,7 @@ def parse_args(argv=None):
                      help="write the per-epoch curve (seconds, CPU seconds, losses, test accuracy) and the flags as JSON here")
     run.add_argument("--eval-every", type=int, default=1,
                      help="test every N epochs (and after the last; each test pass costs ~40%% of a training epoch's images)")
+    run.add_argument("--tta", action="store_true", help="test on the mean logits of each image and its mirror image")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -382,7 +416,8 @@ def main(argv=None) -> dict:
     model = LongConvClassifier(1 if args.grayscale else 3, d_model=args.d_model, n_layers=args.n_layers,
                                dropout=args.dropout, tie_dropout=args.tie_dropout, prenorm=args.prenorm, channels=args.channels,
                                bidirectional=args.bidirectional, kernel_lam=args.kernel_lam,
-                               kernel_dropout=args.kernel_dropout, kernel_smooth=args.kernel_smooth).to(device)
+                               kernel_dropout=args.kernel_dropout, kernel_smooth=args.kernel_smooth,
+                               kernel_init=args.kernel_init).to(device)
     opt = make_optimizer(model, args)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)

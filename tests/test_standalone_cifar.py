@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10_subset.npz"
@@ -310,3 +311,40 @@ def test_tied_dropout_shares_one_mask_across_positions():
     assert torch.equal(y, y[:, :1].expand_as(y))  # the same mask at every position
     assert set(y.unique().tolist()) <= {0.0, 2.0} and 0 < (y == 0).float().mean() < 1
     assert torch.equal(drop.eval()(torch.ones(2, 3, 4)), torch.ones(2, 3, 4))
+
+
+def test_decay_init_is_local_in_some_channels_and_global_in_others():
+    k = sc.init_kernel((1, 8, 2, 256), "decay")
+    torch.testing.assert_close(k.norm(dim=-1), torch.full((1, 8, 2), 0.5))
+    head = k[..., :4].norm(dim=-1) / 0.5  # share of each kernel's norm in its first 4 lags
+    assert bool((head[:, 0] > 0.99).all()), "tau = 1: the first channel's kernels are a few taps long"
+    assert bool((head[:, -1] < 0.5).all()), "tau = l_max: the last channel's kernels spread over the sequence"
+    with pytest.raises(ValueError, match="kernel-init"):
+        sc.init_kernel((1, 2, 1, 8), "ones")
+
+
+def test_decay2d_init_is_local_in_the_image():
+    torch.manual_seed(0)
+    k = sc.init_kernel((400, 1, 2, 1024), "decay2d", width=32).abs().mean(0)[0]  # one model channel: tau = 1 pixel
+    # Lags 1 (left neighbour), 32 (the pixel above), -1 and -32 are one pixel away; lags 16 and -16 are 16 pixels
+    # away, though nearer in the sequence than the pixel above.
+    near = torch.stack([k[0, 1], k[0, 32], k[1, 0], k[1, 31]])
+    far = torch.stack([k[0, 16], k[1, 15]])
+    assert near.min() > 1e4 * far.max()
+    assert near.min() > 0.3 * k[0, 0], "one pixel away: exp(-1) of the lag-0 tap"
+
+
+def test_tta_averages_an_image_and_its_mirror(synthetic_npz):
+    torch.manual_seed(0)
+    model = sc.LongConvClassifier(3, d_model=8, n_layers=1, l_max=1024, channels=1, kernel_dropout=0.0,
+                                  kernel_init="decay").eval()  # (tiny noise kernels would be nearly mirror-invariant)
+    x = torch.from_numpy(np.load(synthetic_npz)["x_test"][:6])
+    y = torch.zeros(6, dtype=torch.long)
+    args = sc.parse_args(["--batch-size", "3", "--tta"])
+    loss, _ = sc.evaluate(model, x, y, args, torch.device("cpu"))
+    img = sc.to_sequence(x, False)
+    with torch.no_grad():
+        logits = (model(sc.flatten(img)) + model(sc.flatten(img.flip(-1)))) / 2
+    assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    args.tta = False
+    assert sc.evaluate(model, x, y, args, torch.device("cpu"))[0] != pytest.approx(loss, rel=1e-5)

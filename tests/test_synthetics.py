@@ -1,6 +1,7 @@
 """Synthetic task generators: reference vocabulary, invariants, determinism, de-duplication."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from serengeti.data import SyntheticDataModule
@@ -76,3 +77,33 @@ def test_datamodule_is_deterministic_and_deduplicated():
     assert a.l_max == 10 and x.shape == (10,)
     train_x, train_y = a.train[0]
     assert torch.equal(train_x[1:], train_y[:-1]), "training targets are the next tokens at every position"
+
+
+def test_recall_targets_match_a_python_loop():
+    tokens = S.associative_recall(100, 30, 40, torch.Generator().manual_seed(3))
+    targets = S.recall_targets(tokens, 40)
+    for row, tgt in zip(tokens.tolist(), targets.tolist()):
+        seen, expected = set(), []
+        for i in range(len(row) - 1):  # target i is token i + 1
+            if i < 40 and i % 2 == 0 and row[i] in seen:
+                expected.append(row[i + 1])
+            elif i == len(row) - 2:
+                expected.append(row[-1])
+            else:
+                expected.append(-100)
+            if i < 40 and i % 2 == 0:
+                seen.add(row[i])
+        assert tgt == expected
+
+
+def test_datamodule_recall_targets_and_bad_setting():
+    dm = SyntheticDataModule(vocab_size=30, seq_len=40, num_examples=50, num_test_examples=10, train_targets="recall")
+    dm.setup()
+    x, y = dm.train[0]
+    scored = (y != -100).nonzero().flatten().tolist()
+    assert scored[-1] == 41 and all(t % 2 == 0 for t in scored[:-1]) and len(scored) < 21
+    assert all(y[t] == x[t + 1] for t in scored[:-1]), "scored targets are the next tokens"
+    with pytest.raises(ValueError, match="dataset.train_targets"):
+        SyntheticDataModule(task="induction_head", train_targets="recall")
+    with pytest.raises(ValueError, match="dataset.train_targets"):
+        SyntheticDataModule(train_targets="values")

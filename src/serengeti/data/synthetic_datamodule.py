@@ -34,16 +34,24 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 class SyntheticDataModule(pl.LightningDataModule):
     """Deterministic synthetic data: examples depend only on ``data_seed``; order on ``seed``.
 
-    Batches are ``(inputs, targets)``, LongTensor (B, l_max); train targets score every position,
-    validation/test targets only the measured ones. The validation set is the test set.
+    Batches are ``(inputs, targets)``, LongTensor (B, l_max); train targets score every position
+    (``train_targets="all"``) or, for associative recall, only the recall positions (``"recall"``: the
+    values whose key occurred earlier in the sequence, and the answer); validation/test targets score only
+    the measured ones. The validation set is the test set.
     """
 
     def __init__(self, task: str = "associative_recall", vocab_size: int = 10, seq_len: int = 64,
                  num_examples: int = 5000, num_test_examples: int = 500, batch_size: int = 32,
-                 num_workers: int = 0, data_seed: int = 0, seed: int = 0, num_kv_pairs: int = 8) -> None:
+                 num_workers: int = 0, data_seed: int = 0, seed: int = 0, num_kv_pairs: int = 8,
+                 train_targets: str = "all") -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"dataset.task must be one of {TASKS}, got {task!r}")
+        if train_targets not in ("all", "recall") or (train_targets == "recall" and task != "associative_recall"):
+            raise ValueError("dataset.train_targets must be 'all' (every next token, the reference's loss) or 'recall' "
+                             f"(associative_recall only: the values whose key occurred before), got {train_targets!r} "
+                             f"for dataset.task={task!r}")
+        self.train_targets = train_targets
         self.task, self.vocab_size, self.seq_len = task, vocab_size, seq_len
         self.num_examples, self.num_test_examples = num_examples, num_test_examples
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -68,6 +76,8 @@ class SyntheticDataModule(pl.LightningDataModule):
             return train, test
         tokens = synthetics.generate_unique(self._generate_examples, total, g)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        if self.train_targets == "recall":
+            targets = synthetics.recall_targets(tokens, self.seq_len)
         test_targets = torch.full_like(targets[self.num_examples:], synthetics.IGNORE_INDEX)
         test_targets[:, -1] = targets[self.num_examples:, -1]
         return (inputs[: self.num_examples], targets[: self.num_examples]), (inputs[self.num_examples:], test_targets)

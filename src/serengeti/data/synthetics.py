@@ -64,6 +64,22 @@ def associative_recall(num_examples: int, vocab_size: int, seq_len: int, generat
     return torch.cat([pairs, tail], dim=1)
 
 
+def recall_targets(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Targets (N, seq_len + 2) for associative-recall ``tokens`` (N, seq_len + 3) that score only recall: each
+    pair's value whose key occurred in an earlier pair (its value is then determined by the context), and the
+    final answer. Every other position is ``IGNORE_INDEX``.
+    """
+    keys = tokens[:, 0:seq_len:2].long()  # (N, P) the pairs' keys (token ids)
+    pos = torch.arange(keys.shape[1]).expand_as(keys)
+    first = torch.full((keys.shape[0], int(tokens.max()) + 1), keys.shape[1]).scatter_reduce(1, keys, pos, "amin")
+    seen_before = torch.gather(first, 1, keys) < pos  # (N, P): this key already occurred in an earlier pair
+    targets = torch.full_like(tokens[:, 1:], IGNORE_INDEX)
+    values = tokens[:, 1:seq_len:2]  # target index 2p is token 2p + 1, the p-th value
+    targets[:, 0:seq_len:2] = torch.where(seen_before, values, torch.full_like(values, IGNORE_INDEX))
+    targets[:, -1] = tokens[:, -1]
+    return targets
+
+
 def induction_head(num_examples: int, vocab_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     """Token sequences (N, seq_len + 2): random ordinary tokens with one "=> t" inside, ending in "=> t"."""
     if seq_len < 3:
