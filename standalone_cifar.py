@@ -159,28 +159,21 @@ class SequenceDropout(nn.Dropout):
         return x * keep / (1 - self.p)
 
 
-def init_kernel(shape: tuple[int, ...], kind: str, width: int = 32) -> torch.Tensor:
+def init_kernel(shape: tuple[int, ...], kind: str) -> torch.Tensor:
     """Initial taps of shape (channels, D, sides, l_max).
 
-    ``noise``: i.i.d. N(0, 0.002^2), every lag alike. ``decay``: N(0, 1) taps times exp(-distance / tau), one decay
-    length tau per model channel, log-spaced from 1 to the largest distance, each kernel then scaled to L2 norm 0.5:
-    some channels start local and others global, as an SSM's kernels do. The distance of lag j is j itself, or with
-    ``decay2d`` the distance in the image between a pixel and the one j steps away in raster order (rows of
-    ``width`` pixels), so that local kernels start as small 2-D neighbourhoods.
+    ``noise``: i.i.d. N(0, 0.002^2), every lag alike. ``decay``: N(0, 1) taps times exp(-|lag| / tau), one decay
+    length tau per model channel, log-spaced from 1 to l_max, each kernel then scaled to L2 norm 0.5: some channels
+    start local (a few pixels) and others global (the whole image), as an SSM's kernels do.
     """
     if kind == "noise":
         return 0.002 * torch.randn(shape)
+    if kind != "decay":
+        raise ValueError(f"--kernel-init must be 'noise' or 'decay', got {kind!r}")
     channels, d_model, sides, l_max = shape
     lag = torch.arange(l_max, dtype=torch.float32)
-    signed = torch.stack([lag, lag + 1])[:sides]  # |lag| of the taps: side 0 holds lags j, side 1 lags -(j + 1)
-    if kind == "decay":
-        dist = signed
-    elif kind == "decay2d":
-        rows = torch.round(signed / width)
-        dist = torch.hypot(rows, signed - width * rows)
-    else:
-        raise ValueError(f"--kernel-init must be 'noise', 'decay' or 'decay2d', got {kind!r}")
-    tau = torch.logspace(0, math.log10(float(dist.max()) + 1), d_model)[:, None, None]  # (D, 1, 1)
+    dist = torch.stack([lag, lag + 1])[:sides]  # |lag| of the taps: side 0 holds lags j, side 1 lags -(j + 1)
+    tau = torch.logspace(0, math.log10(l_max), d_model)[:, None, None]  # (D, 1, 1)
     k = torch.randn(shape) * torch.exp(-dist / tau)
     return 0.5 * k / k.norm(dim=-1, keepdim=True)
 
@@ -243,15 +236,23 @@ class LongConv(nn.Module):
 
 
 class LongConvClassifier(nn.Module):
-    """x: (B, L, d_input) -> logits (B, n_classes); ``features`` gives the per-position states (B, L, D)."""
+    """x: (B, L, d_input) -> logits (B, n_classes); ``features`` gives the per-position states (B, L / pool, D).
+
+    ``pool > 1`` averages every ``pool`` consecutive positions after the first layer, so the later layers run on a
+    sequence ``pool`` times shorter (their cost drops by as much); pooled position i summarises inputs
+    [pool * i, pool * (i + 1)), so a causal model stays causal at that resolution.
+    """
 
     def __init__(self, d_input: int, n_classes: int = 10, *, d_model: int = 256, n_layers: int = 6, l_max: int = 1024,
-                 dropout: float = 0.1, tie_dropout: bool = False, prenorm: bool = False, **conv_kwargs):
+                 dropout: float = 0.1, tie_dropout: bool = False, prenorm: bool = False, pool: int = 1, **conv_kwargs):
         super().__init__()
-        self.prenorm = prenorm
+        if pool < 1 or l_max % pool:
+            raise ValueError(f"--pool must be a positive divisor of the sequence length {l_max}, got {pool}")
+        self.prenorm, self.pool = prenorm, pool
         self.encoder = nn.Linear(d_input, d_model)
-        self.convs = nn.ModuleList(LongConv(d_model, l_max, dropout=dropout, tie_dropout=tie_dropout, **conv_kwargs)
-                                   for _ in range(n_layers))
+        self.convs = nn.ModuleList(
+            LongConv(d_model, l_max if i == 0 else l_max // pool, dropout=dropout, tie_dropout=tie_dropout, **conv_kwargs)
+            for i in range(n_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_layers))
         self.drop = SequenceDropout(dropout, tie_dropout)
         self.decoder = nn.Linear(d_model, n_classes)
@@ -262,6 +263,8 @@ class LongConvClassifier(nn.Module):
             z = conv(norm(h) if self.prenorm else h)
             h = h + self.drop(z)
             h = h if self.prenorm else norm(h)
+            if self.pool > 1 and conv is self.convs[0]:  # (B, L, D) -> (B, L / pool, D): means of `pool` neighbours
+                h = F.avg_pool1d(h.transpose(1, 2), self.pool).transpose(1, 2)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -366,8 +369,10 @@ def parse_args(argv=None):
     model.add_argument("--kernel-dropout", type=float, default=0.2, help="dropout on the kernel taps")
     model.add_argument("--kernel-lam", type=float, default=1e-3, help="squash threshold: taps with |k| below it are zeroed")
     model.add_argument("--kernel-smooth", type=int, default=0, help="moving-average window on the kernel taps (0: off)")
-    model.add_argument("--kernel-init", choices=("noise", "decay", "decay2d"), default="noise",
-                       help="kernel taps at init: small i.i.d. noise, or noise decaying with the lag (decay) or the 2-D pixel distance (decay2d) at scales from one pixel to the whole image")
+    model.add_argument("--kernel-init", choices=("noise", "decay"), default="noise",
+                       help="kernel taps at init: small i.i.d. noise, or noise decaying with the lag at scales from one pixel to the whole image")
+    model.add_argument("--pool", type=int, default=1,
+                       help="average-pool the sequence by this factor after the first layer (1: off)")
     model.add_argument("--prenorm", action="store_true", help="normalise before each layer (default: after, post-norm)")
     direction = model.add_mutually_exclusive_group()
     direction.add_argument("--bidirectional", dest="bidirectional", action="store_true", default=True,
@@ -414,7 +419,7 @@ def main(argv=None) -> dict:
         x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
 
     model = LongConvClassifier(1 if args.grayscale else 3, d_model=args.d_model, n_layers=args.n_layers,
-                               dropout=args.dropout, tie_dropout=args.tie_dropout, prenorm=args.prenorm, channels=args.channels,
+                               dropout=args.dropout, tie_dropout=args.tie_dropout, prenorm=args.prenorm, pool=args.pool, channels=args.channels,
                                bidirectional=args.bidirectional, kernel_lam=args.kernel_lam,
                                kernel_dropout=args.kernel_dropout, kernel_smooth=args.kernel_smooth,
                                kernel_init=args.kernel_init).to(device)
