@@ -9,15 +9,18 @@ where a LongConv layer convolves every channel with its own explicit kernel as l
 (``channels`` kernels per model channel), computed by FFT, regularised by squashing small taps to zero,
 optional moving-average smoothing and kernel dropout, then GELU, dropout and a GLU output projection.
 ``--bidirectional`` (the default) lets each position see the whole image; ``--causal`` only the pixels
-before it.
+before it. ``--pool P`` averages every P neighbouring positions after the first layer, so the later layers
+run on a P-times shorter sequence; ``--kernel-init decay`` starts the kernels as noise decaying over the lags,
+at scales from one pixel to the whole image; ``--tta`` tests on the mean logits of each image and its mirror.
 
 Run (data: the Hugging Face hub by default, or ``--data`` = an ``.npz`` with x_train/y_train/x_test/y_test
 as uint8 HWC images, or a folder with the official binary batches data_batch_*.bin / test_batch.bin):
 
     python standalone_cifar.py                                   # the GPU recipe: D 256, 6 layers, 300 epochs
-    # A small CPU run (measured: 42.8 % on the 5000-image subset after 5 epochs, ~690 CPU seconds; experiments.md):
-    python standalone_cifar.py --data ../shared/data/cifar10/cifar10_subset.npz --threads 1 --d-model 64 --n-layers 2 \
-        --channels 1 --batch-size 32 --dropout 0 --kernel-dropout 0 --kernel-lr 2e-3 --epochs 5
+    # The 2-core CPU recipe on the 5000-image subset (measured with --seed 1: 51.55 % after 790 s; experiments.md):
+    python standalone_cifar.py --data ../shared/data/cifar10/cifar10_subset.npz --threads 2 --d-model 64 \
+        --n-layers 4 --pool 4 --kernel-init decay --channels 1 --batch-size 32 --dropout 0.1 --kernel-dropout 0 \
+        --kernel-lr 2e-3 --epochs 11 --eval-every 2 --tta
 """
 from __future__ import annotations
 
