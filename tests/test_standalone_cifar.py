@@ -297,6 +297,16 @@ def test_training_learns_the_toy_task_and_is_seeded(synthetic_npz, tmp_path):
     assert [r["test_acc"] for r in saved["history"]] == [r["test_acc"] for r in first["history"]]
 
 
+def test_cpu_recipe_flags_learn_the_toy_task(synthetic_npz):
+    """The 2-core recipe's model (decay init, pooling after the first layer, mirror-averaged tests), small."""
+    argv = ["--data", str(synthetic_npz), "--epochs", "2", "--seed", "3", *TINY, "--n-layers", "2", "--pool", "4",
+            "--kernel-init", "decay", "--tta"]
+    result = sc.main(argv)
+    assert [c.kernel.shape[-1] for c in result["model"].convs] == [1024, 256]
+    start, end = result["history"][0], result["history"][-1]
+    assert end["test_loss"] < 0.75 * start["test_loss"] and end["test_acc"] >= 0.25, result["history"]
+
+
 def test_grayscale_and_causal_flags_build_the_variant(synthetic_npz):
     result = sc.main(["--data", str(synthetic_npz), "--epochs", "1", "--grayscale", "--causal", "--max-train", "64",
                       "--max-test", "32", *TINY])
