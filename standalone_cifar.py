@@ -411,6 +411,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.eval_every < 1:
         raise SystemExit(f"--eval-every must be >= 1, got {args.eval_every}")
+    if args.pool < 1 or 1024 % args.pool:
+        raise SystemExit(f"--pool must be a positive divisor of the 1024-pixel sequence, got {args.pool}")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -305,6 +305,8 @@ def test_cpu_recipe_flags_learn_the_toy_task(synthetic_npz):
     assert [c.kernel.shape[-1] for c in result["model"].convs] == [1024, 256]
     start, end = result["history"][0], result["history"][-1]
     assert end["test_loss"] < 0.75 * start["test_loss"] and end["test_acc"] >= 0.25, result["history"]
+    with pytest.raises(SystemExit, match="--pool"):
+        sc.main(["--data", str(synthetic_npz), "--pool", "3", *TINY])
 
 
 def test_grayscale_and_causal_flags_build_the_variant(synthetic_npz):
