@@ -262,11 +262,11 @@ class LongConvClassifier(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encoder(x)
-        for conv, norm in zip(self.convs, self.norms):
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
             z = conv(norm(h) if self.prenorm else h)
             h = h + self.drop(z)
             h = h if self.prenorm else norm(h)
-            if self.pool > 1 and conv is self.convs[0]:  # (B, L, D) -> (B, L / pool, D): means of `pool` neighbours
+            if i == 0 and self.pool > 1:  # (B, L, D) -> (B, L / pool, D): means of `pool` neighbours
                 h = F.avg_pool1d(h.transpose(1, 2), self.pool).transpose(1, 2)
         return h
 
@@ -411,23 +411,24 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.eval_every < 1:
         raise SystemExit(f"--eval-every must be >= 1, got {args.eval_every}")
-    if args.pool < 1 or 1024 % args.pool:
-        raise SystemExit(f"--pool must be a positive divisor of the 1024-pixel sequence, got {args.pool}")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    try:  # before loading data, so a bad flag (e.g. --pool) stops at once with the model's one-line message
+        model = LongConvClassifier(1 if args.grayscale else 3, d_model=args.d_model, n_layers=args.n_layers,
+                                   dropout=args.dropout, tie_dropout=args.tie_dropout, prenorm=args.prenorm,
+                                   pool=args.pool, channels=args.channels, bidirectional=args.bidirectional,
+                                   kernel_lam=args.kernel_lam, kernel_dropout=args.kernel_dropout,
+                                   kernel_smooth=args.kernel_smooth, kernel_init=args.kernel_init).to(device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
     x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_cifar(args.data))
     x_train, y_train = x_train[: args.max_train], y_train[: args.max_train]
     x_test, y_test = x_test[: args.max_test], y_test[: args.max_test]
     if device.type == "cuda":  # the whole uint8 set fits on the GPU; batches are then gathered there
         x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
 
-    model = LongConvClassifier(1 if args.grayscale else 3, d_model=args.d_model, n_layers=args.n_layers,
-                               dropout=args.dropout, tie_dropout=args.tie_dropout, prenorm=args.prenorm, pool=args.pool, channels=args.channels,
-                               bidirectional=args.bidirectional, kernel_lam=args.kernel_lam,
-                               kernel_dropout=args.kernel_dropout, kernel_smooth=args.kernel_smooth,
-                               kernel_init=args.kernel_init).to(device)
     opt = make_optimizer(model, args)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)

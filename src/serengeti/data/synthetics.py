@@ -75,7 +75,7 @@ def recall_targets(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     seen_before = torch.gather(first, 1, keys) < pos  # (N, P): this key already occurred in an earlier pair
     targets = torch.full_like(tokens[:, 1:], IGNORE_INDEX)
     values = tokens[:, 1:seq_len:2]  # target index 2p is token 2p + 1, the p-th value
-    targets[:, 0:seq_len:2] = torch.where(seen_before, values, torch.full_like(values, IGNORE_INDEX))
+    targets[:, 0:seq_len:2] = values.masked_fill(~seen_before, IGNORE_INDEX)
     targets[:, -1] = tokens[:, -1]
     return targets
 
