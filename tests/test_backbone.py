@@ -44,6 +44,35 @@ def test_head_tied_to_embedding_and_gpt2_init():
     assert torch.count_nonzero(model.layers[0].mlp.fc1.bias) == 0
 
 
+def test_lecun_init_matches_the_flax_defaults():
+    """init_scheme=lecun: Linear and short-conv taps truncated normal with std 1/sqrt(fan_in) cut at 2 std,
+    Embedding std 1/sqrt(d), out_proj/fc2 GPT-2's 0.02/sqrt(2 n_layer), zero biases; S5 keeps its own init."""
+    from serengeti.mixers import HyenaS5
+
+    torch.manual_seed(0)
+    n_layer, d = 2, 256
+    hyena_s5 = functools.partial(HyenaS5, ssm_size=8, blocks=1, activation="half_glu2")
+    model = tiny_lm(d_model=d, n_layer=n_layer, vocab_size=5000, init_scheme="lecun", mixer=hyena_s5)
+    std = lambda t: t.detach().float().std().item()  # noqa: E731
+    mixer = model.layers[0].mixer
+    assert std(model.word_embeddings.weight) == pytest.approx(d ** -0.5, rel=0.05)
+    for w, fan_in in [(mixer.in_proj.weight, d), (model.layers[1].mlp.fc1.weight, d), (mixer.ssm[0].out2.weight, d),
+                      (mixer.short_filter.weight, 3)]:
+        assert std(w) == pytest.approx(fan_in ** -0.5, rel=0.05)
+        assert w.abs().max().item() <= 2 * fan_in ** -0.5 / 0.8796 + 1e-6  # truncated at 2 sigma of the raw normal
+    assert std(model.layers[1].mlp.fc2.weight) == pytest.approx(0.02 / math.sqrt(2 * n_layer), rel=0.05)
+    assert std(mixer.out_proj.weight) == pytest.approx(0.02 / math.sqrt(2 * n_layer), rel=0.05)
+    assert torch.count_nonzero(mixer.short_filter.bias) == 0 and torch.count_nonzero(mixer.in_proj.bias) == 0
+    torch.manual_seed(0)
+    s5 = tiny_lm(d_model=d, n_layer=n_layer, vocab_size=5000, mixer=hyena_s5)
+    torch.testing.assert_close(s5.layers[0].mixer.ssm[0].B, mixer.ssm[0].B)  # the S5's own parameters are untouched
+
+
+def test_unknown_init_scheme_is_rejected():
+    with pytest.raises(ValueError, match="model.init_scheme"):
+        tiny_lm(init_scheme="xavier")
+
+
 def test_block_order_matches_reference():
     """Recompute the forward by hand in the reference order: dropout -> add -> LN -> mixer -> dropout -> add -> LN -> MLP."""
     torch.manual_seed(0)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serengeti.mixers.attention import Attention
+from serengeti.ops.short_conv import ShortConv
 
 MixerFactory = Callable[..., nn.Module]
 
@@ -88,6 +89,9 @@ class LMHeadModel(nn.Module):
         max_position_embeddings: > 0 adds learned absolute positions (synthetic Transformer baseline).
         l_max: maximum sequence length, passed to mixers that size filters by it.
         embed_dropout: dropout on the embeddings (block 0's dropout1); resid_dropout: every other dropout.
+        initializer_range: std of the ``gpt2`` init (see :func:`_init_weights`).
+        init_scheme: ``gpt2`` (safari's LMs, the default) or ``lecun`` (the Flax defaults of the S5
+            authors' JAX LM, see :func:`_init_weights`).
     """
 
     def __init__(
@@ -107,10 +111,13 @@ class LMHeadModel(nn.Module):
         pad_vocab_size_multiple: int = 1,
         layer_norm_epsilon: float = 1e-5,
         initializer_range: float = 0.02,
+        init_scheme: str = "gpt2",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        if init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"model.init_scheme must be one of {sorted(INIT_SCHEMES)}, got {init_scheme!r}")
         attn_layer_idx = list(attn_layer_idx or [])
         bad = [i for i in attn_layer_idx if not 0 <= i < n_layer]
         if bad:
@@ -136,7 +143,7 @@ class LMHeadModel(nn.Module):
         self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_epsilon, device=device, dtype=dtype)
         self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self.lm_head.weight = self.word_embeddings.weight  # tied
-        self.apply(functools.partial(_init_weights, n_layer=n_layer, initializer_range=initializer_range))
+        self.apply(functools.partial(INIT_SCHEMES[init_scheme], n_layer=n_layer, initializer_range=initializer_range))
 
     def embed(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """input_ids: (B, L) -> (B, L, D)."""
@@ -215,6 +222,41 @@ def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=initializer_range)
+    _init_output_projections(module, n_layer, initializer_range)
+
+
+def _init_lecun(module: nn.Module, n_layer: int, initializer_range: float | None = None) -> None:
+    """The Flax defaults of the S5 authors' JAX LM (notes/s5.md §2.3); ``initializer_range`` is unused.
+
+    Linear weights and the short conv's taps: truncated normal (±2σ) with std 1/sqrt(fan_in)
+    (fan_in = in_features, resp. the K taps of the depthwise conv), zero bias; Embedding
+    N(0, 1/d); ``out_proj``/``fc2`` weights N(0, 0.02/sqrt(2 n_layer)) as in GPT-2. Against
+    the gpt2 init at d_model 64 the gated products x_0 ⊙ S5(x_1 ⊙ v) start ~20x larger, which
+    is what lets Hyena-S5 leave the associative-recall plateau (experiments.md).
+    """
+    if getattr(module, "_no_reinit", False):
+        return
+    if isinstance(module, (nn.Linear, ShortConv)):
+        fan_in = module.weight[0].numel()  # Linear (out, in) -> in; depthwise conv (C, 1, K) -> K
+        _lecun_normal_(module.weight, fan_in)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=module.embedding_dim ** -0.5)
+    _init_output_projections(module, n_layer, 0.02)
+
+
+def _lecun_normal_(weight: torch.Tensor, fan_in: int) -> None:
+    """In place: truncated normal on ±2σ, rescaled so the std is exactly 1/sqrt(fan_in)."""
+    std = fan_in ** -0.5 / 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2]
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def _init_output_projections(module: nn.Module, n_layer: int, std: float) -> None:
+    """GPT-2's residual-branch rescale: children named ``out_proj``/``fc2`` get N(0, std/sqrt(2 n_layer))."""
     for name, child in module.named_children():
         if name in ("out_proj", "fc2") and isinstance(child, nn.Linear) and not getattr(child, "_no_reinit", False):
-            nn.init.normal_(child.weight, std=initializer_range / math.sqrt(2 * n_layer))
+            nn.init.normal_(child.weight, std=std / math.sqrt(2 * n_layer))
+
+
+INIT_SCHEMES = {"gpt2": _init_weights, "lecun": _init_lecun}
