@@ -81,9 +81,9 @@ def test_evaluate_errors(trained, tmp_path):
         evaluate(eval_cfg([], tmp_path))
     with pytest.raises(EvalError, match="vocabulary has 20 ids.*trained on 10"):
         evaluate(eval_cfg([f"ckpt={ckpt}", "dataset=induction_head"], tmp_path))
-    with pytest.raises(EvalError, match="longer than the model's maximum model.l_max=66"):
+    with pytest.raises(EvalError, match="longer than the model's maximum sequence length 66"):
         evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='" + " ".join(["1"] * 70) + "'"], tmp_path))
-    with pytest.raises(EvalError, match="exceeds the model's maximum model.l_max=66"):
+    with pytest.raises(EvalError, match="exceeds the model's maximum sequence length 66"):
         evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='1 2'", "max_new_tokens=70"], tmp_path))
     with pytest.raises(EvalError, match="token ids separated by spaces"):
         evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt=hello"], tmp_path))
@@ -91,6 +91,21 @@ def test_evaluate_errors(trained, tmp_path):
         evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='12'"], tmp_path))
     with pytest.raises(EvalError, match="no text tokenizer"):
         evaluate(eval_cfg(["task=lm_eval", f"ckpt={ckpt}", "tasks=[piqa]"], tmp_path))
+
+
+def test_length_independent_model_is_scored_beyond_its_training_length(trained, tmp_path):
+    """A Hyena-S5 trained on 8-token recall is evaluated on 40 tokens and samples past its l_max;
+    Hyena (filters sized by l_max = 66) is refused with the limit in the message."""
+    metrics, ckpt = _train(tmp_path, ["model=hyena_s5", "model.d_model=16", "model.mixer.ssm_size=4",
+                                      "model.mixer.blocks=1", "dataset.seq_len=8", "dataset.num_examples=32",
+                                      "dataset.num_test_examples=16", "dataset.batch_size=8", "trainer.max_steps=4"])
+    longer = ["dataset=associative_recall", "dataset.seq_len=40", "dataset.num_test_examples=16"]
+    res = evaluate(eval_cfg([f"ckpt={ckpt}", *longer], tmp_path / "e"))
+    assert 0.0 <= res["val/accuracy"] <= 1.0 and res["val/loss"] > 0
+    gen = evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='1 2'", "max_new_tokens=30"], tmp_path / "g"))
+    assert len(gen["tokens"][0]) == 30  # 31 positions, past l_max = 10
+    with pytest.raises(EvalError, match="130 positions, more than the model's maximum sequence length 66"):
+        evaluate(eval_cfg([f"ckpt={trained[1]}", "dataset=associative_recall", "dataset.seq_len=128"], tmp_path / "h"))
 
 
 def test_char_model_text_in_text_out(shared_data, tmp_path):

@@ -39,8 +39,12 @@ def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = No
         raise EvalError(f"dataset: {e}") from e
 
 
-def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any]) -> None:
-    """Raise :class:`EvalError` if the dataset's vocabulary or length does not fit the checkpoint."""
+def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any], max_seq_len: int | None = None) -> None:
+    """Raise :class:`EvalError` if the dataset's vocabulary or length does not fit the checkpoint.
+
+    ``max_seq_len``: the longest input the loaded model accepts (``LMHeadModel.max_seq_len``;
+    ``None`` = any length, so a length-independent model can be scored beyond its training length).
+    """
     model_cfg = ckpt_cfg["model"]
     record = ckpt_cfg.get("tokenizer") or {}
     vocab = int(datamodule.vocab_size)
@@ -55,10 +59,10 @@ def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any]) -> None:
     if record.get("kind") == "char" and getattr(tok, "fingerprint", None) != record.get("fingerprint"):
         raise EvalError("the dataset's character vocabulary differs from the checkpoint's (same size, other "
                         "characters): ids would mean other characters")
-    l_max, data_len = model_cfg.get("l_max"), getattr(datamodule, "l_max", None)
-    if l_max is not None and data_len is not None and data_len > l_max:
-        raise EvalError(f"dataset sequences have {data_len} positions, more than the checkpoint's model.l_max={l_max}: "
-                        "lower dataset.seq_len")
+    data_len = getattr(datamodule, "l_max", None)
+    if max_seq_len is not None and data_len is not None and data_len > max_seq_len:
+        raise EvalError(f"dataset sequences have {data_len} positions, more than the model's maximum sequence length "
+                        f"{max_seq_len} (model.l_max or model.max_position_embeddings): lower dataset.seq_len")
 
 
 def _trainer(device: str, precision: str) -> pl.Trainer:
@@ -85,7 +89,7 @@ def evaluate_model(model: torch.nn.Module, ckpt_cfg: Mapping[str, Any], datamodu
         raise EvalError(f"split={split!r} must be one of {SPLITS}")
     from serengeti.tasks.lm import LMTask
 
-    check_compatible(datamodule, ckpt_cfg)
+    check_compatible(datamodule, ckpt_cfg, getattr(model, "max_seq_len", ckpt_cfg["model"].get("l_max")))
     task = LMTask(dict(ckpt_cfg), model=model)
     trainer = _trainer(device, precision)
     run = trainer.validate if split == "val" else trainer.test

@@ -108,20 +108,21 @@ def task_generate(cfg: DictConfig) -> dict:
     """Sample ``max_new_tokens`` after ``prompt`` with the recurrent mode (KV cache / SSM state / conv history)."""
     path = _ckpt(cfg)
     device = _device(cfg)
-    model, ckpt_cfg, tokenizer = load_model(path, device=device, tokenizer=cfg.get("tokenizer"))
+    model, _, tokenizer = load_model(path, device=device, tokenizer=cfg.get("tokenizer"))
     ids = _prompt_ids(cfg, tokenizer, model.vocab_size)
-    l_max = ckpt_cfg["model"].get("l_max")
-    if l_max is not None and len(ids) > l_max:
-        raise EvalError(f"prompt has {len(ids)} tokens, longer than the model's maximum model.l_max={l_max}")
-    if l_max is not None and len(ids) + cfg.max_new_tokens - 1 > l_max:
+    max_len = model.max_seq_len  # None: the model takes any length (S5, Hyena-S5, H3, position-free attention)
+    if max_len is not None and len(ids) > max_len:
+        raise EvalError(f"prompt has {len(ids)} tokens, longer than the model's maximum sequence length {max_len} "
+                        "(model.l_max or model.max_position_embeddings)")
+    if max_len is not None and len(ids) + cfg.max_new_tokens - 1 > max_len:
         raise EvalError(f"prompt ({len(ids)} tokens) + max_new_tokens={cfg.max_new_tokens} exceeds the model's maximum "
-                        f"model.l_max={l_max}: lower max_new_tokens to at most {l_max - len(ids) + 1}")
+                        f"sequence length {max_len}: lower max_new_tokens to at most {max_len - len(ids) + 1}")
     n = int(cfg.get("num_samples") or 1)
     prompt = torch.tensor([ids] * n, dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(int(cfg.seed))
     try:
         gen = generate(model, prompt, int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_k=cfg.get("top_k"),
-                       top_p=cfg.get("top_p"), generator=g, max_len=l_max)
+                       top_p=cfg.get("top_p"), generator=g, max_len=max_len)
     except ValueError as e:
         raise EvalError(str(e)) from None
     decode: Callable = tokenizer.decode if tokenizer is not None else (lambda t: " ".join(map(str, t)))

@@ -52,6 +52,13 @@ class Mixer(nn.Module):
         self.layer_idx = layer_idx
         self.l_max = l_max
 
+    @property
+    def max_seq_len(self) -> int | None:
+        """Longest sequence the mixer accepts; ``None`` (the default) = any length, because no
+        parameter is sized by ``l_max``. Mixers whose filters are defined on ``l_max`` positions
+        (Hyena) return ``l_max``."""
+        return None
+
     def forward(self, x: torch.Tensor, state: Any | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__}.forward is abstract")
 

@@ -245,6 +245,11 @@ class Hyena(GatedConvMixer):
             lr_pos_emb=lr_pos_emb, modulation=modulation, device=device, dtype=dtype,
         )
 
+    @property
+    def max_seq_len(self) -> int:
+        """``l_max``: the implicit filters are defined (and normalised) on l_max positions."""
+        return self.l_max
+
     def filters(self, L: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, beta)``: filters (N-1, D, L) and skip terms (N-1, D); index o pairs with x_{N-1-o}."""
         n = self.order - 1

@@ -145,6 +145,16 @@ class LMHeadModel(nn.Module):
         self.lm_head.weight = self.word_embeddings.weight  # tied
         self.apply(functools.partial(INIT_SCHEMES[init_scheme], n_layer=n_layer, initializer_range=initializer_range))
 
+    @property
+    def max_seq_len(self) -> int | None:
+        """Longest input the model accepts: the smallest bound of its mixers (``Mixer.max_seq_len``;
+        a module without one counts as bounded by ``l_max``) and of its learned positions;
+        ``None`` = any length (e.g. S5, Hyena-S5, H3 and position-free attention)."""
+        bounds = [getattr(layer.mixer, "max_seq_len", self.l_max) for layer in self.layers]
+        if self.position_embeddings is not None:
+            bounds.append(self.max_position_embeddings)
+        return min((b for b in bounds if b is not None), default=None)
+
     def embed(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """input_ids: (B, L) -> (B, L, D)."""
         h = self.word_embeddings(input_ids)
