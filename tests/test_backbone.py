@@ -74,20 +74,20 @@ def test_unknown_init_scheme_is_rejected():
 
 
 def test_max_seq_len_is_the_tightest_bound_of_mixers_and_positions():
-    """Hyena's filters live on l_max positions; S5, Hyena-S5, H3 and position-free attention take any length."""
-    from serengeti.mixers import H3, Hyena, HyenaS5
+    """Hyena's filters live on l_max positions; S5, Hyena-S5, H3, the long convolution and position-free
+    attention take any length, and really run past l_max, causally (the first outputs equal a short run's)."""
+    from serengeti.mixers import H3, Hyena, HyenaS5, LongConv
 
     assert tiny_lm(l_max=24, mixer=functools.partial(Hyena, filter_order=8)).max_seq_len == 24
     assert tiny_lm(l_max=24, attn_layer_idx=[1], mixer=functools.partial(Hyena, filter_order=8)).max_seq_len == 24
     assert tiny_lm(l_max=24, max_position_embeddings=20).max_seq_len == 20
-    for mixer in (functools.partial(HyenaS5, ssm_size=4, blocks=1), functools.partial(H3, d_state=4),
-                  functools.partial(Attention, num_heads=2)):
-        assert tiny_lm(l_max=24, mixer=mixer).max_seq_len is None
-    # an unbounded model really runs past l_max, causally: the first 24 outputs equal those of the 24-token run
-    torch.manual_seed(0)
-    model = tiny_lm(l_max=24, mixer=functools.partial(HyenaS5, ssm_size=4, blocks=1)).eval()
     x = torch.randint(0, 13, (2, 60))
-    torch.testing.assert_close(model(x)[:, :24], model(x[:, :24]), rtol=1e-5, atol=1e-5)
+    for mixer in (functools.partial(HyenaS5, ssm_size=4, blocks=1), functools.partial(H3, d_state=4),
+                  functools.partial(LongConv, channels=1), functools.partial(Attention, num_heads=2)):
+        torch.manual_seed(0)
+        model = tiny_lm(l_max=24, mixer=mixer).eval()
+        assert model.max_seq_len is None
+        torch.testing.assert_close(model(x)[:, :24], model(x[:, :24]), rtol=1e-5, atol=1e-5)
 
 
 def test_block_order_matches_reference():
