@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serengeti.mixers.base import Mixer, StateError
+from serengeti.ops.init import lecun_normal_
 from serengeti.ops.scan import linear_scan
 from serengeti.ops.ssm_kernel import bilinear
 from serengeti.optim_tags import set_optim
@@ -28,7 +29,6 @@ from serengeti.optim_tags import set_optim
 C_INITS = ("complex_normal", "trunc_standard_normal", "lecun_normal")
 DISCRETIZATIONS = ("zoh", "bilinear")
 ACTIVATIONS = ("gelu", "half_glu1", "half_glu2", "full_glu")
-_LECUN_TRUNC = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
 
 
 @dataclass
@@ -76,11 +76,8 @@ def hippo_legs_diag(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _lecun_normal(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
-    """Truncated normal on [-2σ', 2σ'] rescaled so the final std is 1/sqrt(fan_in) (float64)."""
-    t = torch.empty(shape, dtype=torch.float64)
-    std = 1.0 / math.sqrt(fan_in) / _LECUN_TRUNC
-    nn.init.trunc_normal_(t, 0.0, std, -2 * std, 2 * std)
-    return t
+    """Flax's lecun normal (:func:`~serengeti.ops.init.lecun_normal_`) of ``shape``, float64."""
+    return lecun_normal_(torch.empty(shape, dtype=torch.float64), fan_in)
 
 
 class S5(Mixer):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serengeti.mixers.attention import Attention
+from serengeti.ops.init import lecun_normal_
 from serengeti.ops.short_conv import ShortConv
 
 MixerFactory = Callable[..., nn.Module]
@@ -248,18 +249,12 @@ def _init_lecun(module: nn.Module, n_layer: int, initializer_range: float | None
         return
     if isinstance(module, (nn.Linear, ShortConv)):
         fan_in = module.weight[0].numel()  # Linear (out, in) -> in; depthwise conv (C, 1, K) -> K
-        _lecun_normal_(module.weight, fan_in)
+        lecun_normal_(module.weight, fan_in)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=module.embedding_dim ** -0.5)
     _init_output_projections(module, n_layer, 0.02)
-
-
-def _lecun_normal_(weight: torch.Tensor, fan_in: int) -> None:
-    """In place: truncated normal on ±2σ, rescaled so the std is exactly 1/sqrt(fan_in)."""
-    std = fan_in ** -0.5 / 0.87962566103423978  # std of N(0, 1) truncated to [-2, 2]
-    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
 def _init_output_projections(module: nn.Module, n_layer: int, std: float) -> None:
