@@ -13,7 +13,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from serengeti.accelerator import cuda_problem
+from serengeti import config_resolvers  # noqa: F401  (registers ${serengeti.*} resolvers)
 from serengeti.checkpoint import tokenizer_record
+from serengeti.run_record import write_run_record
+from serengeti.scale import apply_global_batch
 from serengeti.tasks.lm import LMTask
 
 log = logging.getLogger("serengeti")
@@ -29,6 +33,9 @@ def prepare(cfg: DictConfig) -> tuple[pl.LightningDataModule, LMTask]:
     ``model.vocab_size`` and ``model.l_max`` default (null) to the datamodule's values. Raises
     :class:`ConfigError` for invalid settings before anything is trained or written.
     """
+    if (problem := cuda_problem(cfg.get("trainer"))) is not None:
+        raise ConfigError(problem)
+    apply_global_batch(cfg)  # trainer.accumulate_grad_batches from dataset.global_batch_size and the world size
     try:
         datamodule = instantiate(cfg.dataset)
     except Exception as e:  # hydra wraps constructor errors; surface the message with the group name
@@ -90,6 +97,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             metrics.update({k: float(v) for k, v in result.items()})
     metrics["time/fit_and_test_s"] = time.time() - start
     if trainer.is_global_zero:
+        write_run_record(cfg.paths.output_dir, cfg, metrics, steps=trainer.global_step,
+                         wall_s=metrics["time/fit_and_test_s"], n_params=n_params)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/")))
         log.info("final metrics: %s", summary)
         print(f"[serengeti] {summary} | steps={trainer.global_step} | wall={metrics['time/fit_and_test_s']:.1f}s")
