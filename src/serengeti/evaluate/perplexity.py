@@ -21,8 +21,13 @@ class EvalError(ValueError):
 
 
 def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = None) -> pl.LightningDataModule:
-    """Instantiate a (plain, resolved) ``dataset`` config; ``batch_size`` overrides the evaluation batch size."""
-    from hydra.utils import instantiate
+    """Build a (plain, resolved) ``dataset`` config; ``batch_size`` overrides the evaluation batch size.
+
+    The config may come from a checkpoint, so it is built through :func:`serengeti.registry.build`:
+    a registered datamodule with plain options only (an unknown ``_target_`` is refused, naming it).
+    """
+    import serengeti.data  # noqa: F401  (registers the datamodules)
+    from serengeti.registry import DATASETS, UnsafeConfigError, build
 
     cfg = dict(dataset_cfg)
     if batch_size is not None:
@@ -32,10 +37,10 @@ def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = No
         if "batch_size_eval" in cfg:
             cfg["batch_size_eval"] = batch_size
     try:
-        return instantiate(cfg)
-    except Exception as e:  # hydra wraps constructor errors; keep the datamodule's message
-        while e.__cause__ is not None:
-            e = e.__cause__
+        return build(cfg, DATASETS, "dataset")
+    except UnsafeConfigError as e:
+        raise EvalError(str(e)) from e
+    except Exception as e:  # the datamodule's own message names its key
         raise EvalError(f"dataset: {e}") from e
 
 

@@ -6,3 +6,8 @@ from serengeti.mixers.s5 import S5, S5State
 from serengeti.mixers.hyena import Hyena, HyenaState
 from serengeti.mixers.long_conv import LongConv, LongConvState
 from serengeti.mixers.hyena_s5 import HyenaS5, HyenaS5State
+
+from serengeti.registry import register_mixer
+
+for _cls in (Attention, H3, S5, Hyena, LongConv, HyenaS5):
+    register_mixer(_cls)

@@ -54,6 +54,8 @@ class HyenaS5(GatedConvMixer):
             is not allowed (it would read the future).
     """
 
+    kwargs_class = S5  # where ``**s5`` goes: the options a config may set (serengeti.registry)
+
     def __init__(
         self,
         d_model: int,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,30 +29,40 @@ from serengeti.ops.short_conv import ShortConv
 MixerFactory = Callable[..., nn.Module]
 
 
-class MLP(nn.Module):
-    """fc1 -> GELU (tanh approximation) -> fc2. x: (B, L, D) -> (B, L, D)."""
+GELU_APPROXIMATIONS = {"tanh": "tanh", "exact": "none"}  # model.gelu -> torch's ``approximate``
 
-    def __init__(self, d_model: int, d_inner: int, device=None, dtype=None) -> None:
+
+class MLP(nn.Module):
+    """fc1 -> GELU -> fc2. x: (B, L, D) -> (B, L, D).
+
+    ``gelu``: ``tanh`` (the approximation of the papers' code) or ``exact`` (erf, as nanoGPT's
+    ``nn.GELU()``); ``bias``: biases in fc1 and fc2.
+    """
+
+    def __init__(self, d_model: int, d_inner: int, gelu: str = "tanh", bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_inner, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(d_inner, d_model, device=device, dtype=dtype)
+        if gelu not in GELU_APPROXIMATIONS:
+            raise ValueError(f"model.gelu must be one of {sorted(GELU_APPROXIMATIONS)}, got {gelu!r}")
+        self.approximate = GELU_APPROXIMATIONS[gelu]
+        self.fc1 = nn.Linear(d_model, d_inner, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(d_inner, d_model, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
     """Pre-norm residual block around one mixer and one MLP (see the module docstring)."""
 
     def __init__(self, d_model: int, mixer: nn.Module, d_inner: int, *, dropout1: float, dropout2: float,
-                 eps: float = 1e-5, device=None, dtype=None) -> None:
+                 eps: float = 1e-5, gelu: str = "tanh", bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         self.mixer = mixer
         self.dropout1 = nn.Dropout(dropout1)
-        self.norm1 = nn.LayerNorm(d_model, eps=eps, device=device, dtype=dtype)
+        self.norm1 = nn.LayerNorm(d_model, eps=eps, bias=bias, device=device, dtype=dtype)
         self.dropout2 = nn.Dropout(dropout2)
-        self.norm2 = nn.LayerNorm(d_model, eps=eps, device=device, dtype=dtype)
-        self.mlp = MLP(d_model, d_inner, device=device, dtype=dtype)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps, bias=bias, device=device, dtype=dtype)
+        self.mlp = MLP(d_model, d_inner, gelu=gelu, bias=bias, device=device, dtype=dtype)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, state: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h, residual: (B, L, D) (residual None at block 0) -> (h, residual)."""
@@ -93,6 +105,9 @@ class LMHeadModel(nn.Module):
         initializer_range: std of the ``gpt2`` init (see :func:`_init_weights`).
         init_scheme: ``gpt2`` (safari's LMs, the default) or ``lecun`` (the Flax defaults of the S5
             authors' JAX LM, see :func:`_init_lecun`).
+        gelu: the MLP's GELU, ``tanh`` (default) or ``exact``.
+        bias: biases in the MLPs and LayerNorms (the mixers' own layers keep theirs; attention
+            takes ``attn_cfg.bias``).
     """
 
     def __init__(
@@ -113,6 +128,8 @@ class LMHeadModel(nn.Module):
         layer_norm_epsilon: float = 1e-5,
         initializer_range: float = 0.02,
         init_scheme: str = "gpt2",
+        gelu: str = "tanh",
+        bias: bool = True,
         device=None,
         dtype=None,
     ) -> None:
@@ -139,9 +156,10 @@ class LMHeadModel(nn.Module):
             factory = attn_factory if i in attn_layer_idx else mixer
             block_mixer = factory(d_model, layer_idx=i, l_max=l_max, device=device, dtype=dtype)
             self.layers.append(Block(d_model, block_mixer, d_inner, dropout1=embed_dropout if i == 0 else resid_dropout,
-                                     dropout2=resid_dropout, eps=layer_norm_epsilon, device=device, dtype=dtype))
+                                     dropout2=resid_dropout, eps=layer_norm_epsilon, gelu=gelu, bias=bias,
+                                     device=device, dtype=dtype))
         self.drop_f = nn.Dropout(resid_dropout)
-        self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_epsilon, device=device, dtype=dtype)
+        self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_epsilon, bias=bias, device=device, dtype=dtype)
         self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self.lm_head.weight = self.word_embeddings.weight  # tied
         self.apply(functools.partial(INIT_SCHEMES[init_scheme], n_layer=n_layer, initializer_range=initializer_range))
@@ -206,17 +224,72 @@ class LMHeadModel(nn.Module):
         state.offset += 1
         return self.lm_head(self.ln_f(h + residual))
 
+    # Hugging Face-style loading; serengeti.checkpoint reads (config checked first) and writes
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LMHeadModel:
+        """Load an exported directory (``model.safetensors`` + ``config.json``) or a ``.ckpt`` from ``train.py``.
 
-def build_model(model_cfg: dict[str, Any]) -> LMHeadModel:
-    """Build the LM from the resolved ``model`` config (``mixer`` is a Hydra ``_partial_`` node)."""
-    from hydra.utils import instantiate
+        Uses :func:`serengeti.checkpoint.load_model`: no pickled code runs and the config is checked
+        against the registered mixers before anything is built. The model is in eval mode; its
+        config (``model`` and, when recorded, ``dataset`` and ``tokenizer``) is ``pretrained_config``.
+        The tokenizer: :func:`serengeti.load_tokenizer`.
+        """
+        from serengeti.checkpoint import load_model
 
-    cfg = dict(model_cfg)
+        model, cfg, _ = load_model(path, device=device, load_tokenizer=False)
+        model.pretrained_config, model.pretrained_path = cfg, str(path)
+        return model
+
+    def save_pretrained(self, out: str | os.PathLike, *, config: dict | None = None, tokenizer: Any = None,
+                        overwrite: bool = False) -> Path:
+        """Write ``out`` = ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``); returns ``out``.
+
+        Args:
+            config: ``{"model": ..., "dataset": ..., "tokenizer": <record>}``; default: the
+                ``pretrained_config`` of :meth:`from_pretrained`.
+            tokenizer: a BPE tokenizer whose ``tokenizer.json`` goes in; default: the one the
+                loaded checkpoint recorded (char vocabularies live in ``config.json``).
+            overwrite: replace an existing ``out`` (atomically, see :func:`serengeti.checkpoint.save_pretrained`).
+        """
+        from serengeti.checkpoint import recorded_tokenizer, save_pretrained
+
+        config = config if config is not None else getattr(self, "pretrained_config", None)
+        if config is None:
+            raise ValueError("save_pretrained needs config={'model': <model config>, ...}: "
+                             "this model was not loaded with LMHeadModel.from_pretrained")
+        if tokenizer is None:
+            source = getattr(self, "pretrained_path", None)
+            tokenizer = recorded_tokenizer(config, source if source and Path(source).is_dir() else None)
+        return save_pretrained(self, config, out, tokenizer=tokenizer, overwrite=overwrite)
+
+
+#: keys of a ``model`` config that are not LMHeadModel arguments (the preset's name)
+NON_MODEL_KEYS = {"name"}
+#: what the backbone passes to every mixer factory itself; a config may not set these
+_MIXER_CALL_ARGS = {"d_model", "layer_idx", "l_max", "device", "dtype"}
+
+
+def build_model(model_cfg: dict[str, Any], **overrides: Any) -> LMHeadModel:
+    """Build the LM from a plain, resolved ``model`` config; ``overrides`` (e.g. ``device="meta"``) win.
+
+    Nothing is instantiated by name: ``mixer._target_`` must be a registered mixer and every option a
+    plain value that the class declares (:mod:`serengeti.registry`), so a config read from a checkpoint
+    cannot run code, and a misspelt option fails here with a one-line :class:`UnsafeConfigError`.
+    """
+    import serengeti.mixers  # noqa: F401  (registers the built-in mixers)
+    from serengeti.registry import MIXERS, UnsafeConfigError, build, check_options
+
+    cfg = {k: v for k, v in dict(model_cfg).items() if k not in NON_MODEL_KEYS}
     mixer_cfg = cfg.pop("mixer", None)
     if not isinstance(mixer_cfg, dict) or "_target_" not in mixer_cfg:
-        raise ValueError("model.mixer must be a config with a _target_ (pick one from configs/model/mixer/)")
-    cfg.pop("name", None)
-    return LMHeadModel(mixer=instantiate(mixer_cfg), **cfg)
+        raise UnsafeConfigError("model.mixer must be a config with a _target_ (pick one from configs/model/mixer/)")
+    if not mixer_cfg.get("_partial_", False):
+        raise UnsafeConfigError("model.mixer._partial_: must be true (the backbone builds one mixer per block)")
+    mixer = build(mixer_cfg, MIXERS, "model.mixer", exclude=_MIXER_CALL_ARGS)
+    check_options(LMHeadModel, cfg, "model", exclude={"mixer"})
+    if isinstance(cfg.get("attn_cfg"), dict):
+        check_options(Attention, cfg["attn_cfg"], "model.attn_cfg", exclude=_MIXER_CALL_ARGS)
+    return LMHeadModel(mixer=mixer, **{**cfg, **overrides})
 
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
