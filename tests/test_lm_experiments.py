@@ -9,6 +9,7 @@ import pytest
 
 from conftest import compose_cfg
 from test_model_sizes import _build_meta
+from serengeti.scale import global_batch_plan
 
 # Hyena-S5 WT103 at vocab 50257 (REFERENCE.md §11); the OWT/Pile runs pad the vocab to 50264 (+7 rows of 768)
 HYENA_S5_125M = 128_496_384 + 7 * 768
@@ -25,10 +26,11 @@ def test_125m_families_share_one_budget(family, tokens_per_step):
     budgets = set()
     for name in MODELS_125M:
         cfg = compose_cfg([f"experiment={family}/{name}"])
-        tokens = cfg.dataset.batch_size * cfg.trainer.accumulate_grad_batches * cfg.dataset.seq_len
+        plan = global_batch_plan(cfg)  # on one device
+        tokens = cfg.dataset.batch_size * plan["accumulate_grad_batches"] * cfg.dataset.seq_len
         budgets.add((tokens, cfg.trainer.max_steps, cfg.optimizer.lr, cfg.scheduler.warmup_steps, cfg.scheduler.min_lr_ratio))
         assert (cfg.model.d_model, cfg.model.n_layer, cfg.model.d_inner) == (768, 12, 3072)
-        assert cfg.trainer.val_check_interval == 2000 * cfg.trainer.accumulate_grad_batches
+        assert plan["val_check_interval"] == 2000 * plan["accumulate_grad_batches"]
     assert budgets == {(tokens_per_step, 100_000, 6e-4, 1000, 0.1)}, "the same optimization for every model, warmup 1 %"
     pile_small = compose_cfg(["experiment=pile/hyena_small"])
     assert (pile_small.trainer.max_steps, pile_small.scheduler.warmup_steps) == (300_000, 3000)

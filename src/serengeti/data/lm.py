@@ -67,6 +67,8 @@ class LMDataModule(pl.LightningDataModule):
         max_eval_tokens: keep only the first this-many tokens of the evaluation splits.
         pin_memory: DataLoader ``pin_memory``.
         cache_wait_timeout_s: how long non-zero DDP ranks wait for rank 0's build.
+        global_batch_size: sequences per optimizer step over all processes (``null``: no derivation);
+            read at start-up by :mod:`serengeti.scale`, not by the datamodule.
     """
 
     def __init__(self, source, *, seq_len: int, batch_size: int, tokenizer: str | Mapping = "gpt2",
@@ -75,8 +77,9 @@ class LMDataModule(pl.LightningDataModule):
                  eval_stride: int | None = None, train_split: str | None = "train",
                  val_split: str | None = "validation", test_split: str | None = "test",
                  tokenize_batch_docs: int = 1024, max_eval_tokens: int | None = None, pin_memory: bool = False,
-                 cache_wait_timeout_s: float = 6 * 3600) -> None:
+                 cache_wait_timeout_s: float = 6 * 3600, global_batch_size: int | None = None) -> None:
         super().__init__()
+        self.global_batch_size = global_batch_size  # sequences per optimizer step; serengeti.scale derives accumulation
         if seq_len < 1:
             raise ValueError(f"dataset.seq_len must be >= 1, got {seq_len}")
         if batch_size < 1:

@@ -43,8 +43,9 @@ class SyntheticDataModule(pl.LightningDataModule):
     def __init__(self, task: str = "associative_recall", vocab_size: int = 10, seq_len: int = 64,
                  num_examples: int = 5000, num_test_examples: int = 500, batch_size: int = 32,
                  num_workers: int = 0, data_seed: int = 0, seed: int = 0, num_kv_pairs: int = 8,
-                 train_targets: str = "all") -> None:
+                 train_targets: str = "all", global_batch_size: int | None = None) -> None:
         super().__init__()
+        self.global_batch_size = global_batch_size  # sequences per optimizer step; serengeti.scale derives accumulation
         if task not in TASKS:
             raise ValueError(f"dataset.task must be one of {TASKS}, got {task!r}")
         if train_targets not in ("all", "recall") or (train_targets == "recall" and task != "associative_recall"):
