@@ -265,6 +265,7 @@ def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike
         backend = getattr(tokenizer, "backend", None)
         if backend is not None:
             (tmp / TOKENIZER_NAME).write_text(backend.to_str())
+        _apply_umask(tmp)  # mkdtemp makes 0700 and safetensors 0600: give them the modes of any new file
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -278,6 +279,29 @@ def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike
     return out
 
 
+def _apply_umask(root: Path) -> None:
+    """Set ``root`` and the files in it to 0777 / 0666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (root, *root.iterdir()):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def recorded_tokenizer(cfg: Mapping, root: str | os.PathLike | None = None) -> Any:
+    """The BPE tokenizer a config records (``root``: the export holding ``tokenizer.json``), or ``None``.
+
+    ``None`` too, with a warning, when it cannot be loaded here; char and id records need no file
+    beside the weights and also give ``None``.
+    """
+    if (cfg.get("tokenizer") or {}).get("kind") != "bpe":
+        return None
+    try:
+        return tokenizer_from_record(cfg["tokenizer"], root)
+    except CheckpointError as e:
+        log.warning("export without tokenizer.json: %s", e)
+        return None
+
+
 def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """``.ckpt`` (or exported directory) -> safetensors directory ``out``; returns ``out``.
 
@@ -285,10 +309,5 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     alone is kept (loading the export then needs the tokenizer where it was at training time).
     """
     model, cfg, _ = load_model(ckpt, load_tokenizer=False)
-    tok = None
-    if (cfg.get("tokenizer") or {}).get("kind") == "bpe":
-        try:
-            tok = tokenizer_from_record(cfg["tokenizer"], ckpt if Path(ckpt).is_dir() else None)
-        except CheckpointError as e:
-            log.warning("export without tokenizer.json: %s", e)
+    tok = recorded_tokenizer(cfg, ckpt if Path(ckpt).is_dir() else None)
     return save_pretrained(model, cfg, out, tokenizer=tok, overwrite=overwrite)

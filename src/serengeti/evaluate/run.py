@@ -57,6 +57,20 @@ def _print_table(title: str, rows: dict[str, Any]) -> None:
     Console().print(table)
 
 
+_ROLE_KEYS = {"train": "train_split", "val": "val_split", "test": "test_split"}
+
+
+def _only_split(dataset_cfg: dict, split: str) -> dict:
+    """The dataset config with every role but ``split`` set to null, so that scoring needs no train split.
+
+    A character vocabulary is built from the text of all roles, so char datasets keep them (the
+    vocabulary must match the checkpoint's); a BPE tokenizer does not depend on the data.
+    """
+    if split not in ("val", "test") or dataset_cfg.get("tokenizer") == "char":
+        return dataset_cfg
+    return {**dataset_cfg, **{key: None for role, key in _ROLE_KEYS.items() if role != split and key in dataset_cfg}}
+
+
 def task_evaluate(cfg: DictConfig) -> dict:
     """Loss, perplexity and accuracy on ``split`` of the dataset (the checkpoint's unless ``dataset=`` is given)."""
     path = _ckpt(cfg)
@@ -68,7 +82,7 @@ def task_evaluate(cfg: DictConfig) -> dict:
     else:
         raise EvalError(f"{path} records no dataset: pass dataset=<name> (one of configs/dataset/)")
     start = time.time()
-    datamodule = build_datamodule(dataset_cfg, cfg.get("batch_size"))
+    datamodule = build_datamodule(_only_split(dataset_cfg, str(cfg.split)), cfg.get("batch_size"))
     metrics = evaluate_model(model, ckpt_cfg, datamodule, split=cfg.split, device=_device(cfg),
                              precision=str(cfg.precision))
     result = {"ckpt": path, "dataset": dataset_cfg.get("_target_"), "split": cfg.split, **metrics,
