@@ -12,7 +12,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from serengeti.optim_tags import set_optim  # noqa: F401  (re-export: tag parameters where they are created)
 
-WEIGHT_DECAY_POLICIES = ("reference", "standard")
+WEIGHT_DECAY_POLICIES = ("reference", "standard", "matrices")
 
 
 def _default_decays(model: nn.Module, policy: str) -> dict[int, bool]:
@@ -24,6 +24,8 @@ def _default_decays(model: nn.Module, policy: str) -> dict[int, bool]:
         for _, p in module.named_parameters(recurse=False):
             if policy == "reference":
                 decays[id(p)] = True
+            elif policy == "matrices":  # GPT-2 / nanoGPT: weights and embeddings (>= 2-D) decay, nothing else
+                decays[id(p)] = p.ndim >= 2
             else:  # no decay on biases, norms and embeddings
                 no_decay = p.ndim < 2 or isinstance(module, (nn.Embedding, nn.LayerNorm))
                 decays[id(p)] = decays.get(id(p), True) and not no_decay
@@ -36,7 +38,8 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, policy: st
     Every parameter lands in exactly one group. Parameters tagged with ``_optim`` (see
     :func:`serengeti.optim_tags.set_optim`) take their lr / weight decay from the tag; the rest
     follow ``policy``: ``reference`` decays everything (the papers' code), ``standard`` exempts
-    biases, norms and embeddings. Each group carries a ``names`` list for logging and tests.
+    biases, norms and embeddings, ``matrices`` decays exactly the parameters with >= 2 dimensions
+    (Linear weights and embeddings; the GPT-2 / nanoGPT convention). Each group carries a ``names`` list for logging and tests.
     """
     decays = _default_decays(model, policy)
     groups: "OrderedDict[tuple, dict]" = OrderedDict()

@@ -316,7 +316,10 @@ class TinyShakespeare(LMDataModule):
         path: local ``input.txt``, split by characters into ``split_fractions`` (contiguous
             train / validation / test); ``None`` loads ``hf_name`` (``karpathy/tiny_shakespeare``,
             which has the three splits).
-        split_fractions: train, validation and test fractions of the local file.
+        split_fractions: train, validation and test fractions of the local file. ``[0.9, 0.1, 0]``
+            is nanoGPT's split (train = the first ``int(0.9 * n)`` characters, validation = the
+            rest); a role may not name a split that gets 0 of the text: with no test part, set
+            ``test_split: validation`` (test on the validation part) or ``test_split: null``.
         **kwargs: :class:`LMDataModule` arguments; ``tokenizer`` defaults to ``"char"`` and
             ``add_eos`` to ``False`` (the text is one document).
     """
@@ -327,9 +330,17 @@ class TinyShakespeare(LMDataModule):
         kwargs.setdefault("add_eos", False)
         if path is not None:
             source = FractionSplits(name, path, split_fractions)
+            for role in ("train", "val", "test"):
+                split = kwargs.get(f"{role}_split", {"val": "validation"}.get(role, role))
+                if split is not None and not source.has_split(split):
+                    raise ValueError(f"dataset.{role}_split={split!r} is empty: dataset.split_fractions="
+                                     f"{list(split_fractions)} gives it no text; name a non-empty split or null")
         else:
             source = HFDataset(name, hf_name)
         super().__init__(source, **kwargs)
+
+
+SPLIT_ORDER = ("train", "validation", "test")
 
 
 class FractionSplits:
@@ -344,16 +355,25 @@ class FractionSplits:
         self.fractions = [float(f) for f in fractions]
 
     def has_split(self, split: str) -> bool:
-        return split in ("train", "validation", "test")
+        """Whether ``split`` is one of the three and gets a non-zero fraction of the text."""
+        return split in SPLIT_ORDER and self.fractions[SPLIT_ORDER.index(split)] > 0
 
     def identity(self, split: str) -> dict:
         st = self.path.stat()
-        return {"file": [str(self.path.resolve()), st.st_size, st.st_mtime_ns], "fractions": self.fractions}
+        return {"file": [str(self.path.resolve()), st.st_size, st.st_mtime_ns], "fractions": self.fractions,
+                "cut": "floor"}
+
+    @staticmethod
+    def cuts(n: int, fractions: Sequence[float]) -> list[int]:
+        """Character offsets ``[0, a, b, n]`` of the three parts: ``a = int(f0 * n)`` (nanoGPT's cut),
+        ``b = int((f0 + f1) * n)``, or ``n`` when the test fraction is 0."""
+        b = n if fractions[2] == 0 else min(n, int((fractions[0] + fractions[1]) * n))
+        return [0, int(fractions[0] * n), b, n]
 
     def documents(self, split: str, shard: int = 0, num_shards: int = 1):
         text = self.path.read_text(encoding="utf-8")
-        cuts = [0, round(self.fractions[0] * len(text)), round((self.fractions[0] + self.fractions[1]) * len(text)), len(text)]
-        i = ("train", "validation", "test").index(split)
+        cuts = self.cuts(len(text), self.fractions)
+        i = SPLIT_ORDER.index(split)
         if shard == 0:
             yield text[cuts[i] : cuts[i + 1]]
 

@@ -1,0 +1,258 @@
+"""Aggregate finished runs into a Markdown table and matplotlib figures.
+
+    python -m serengeti.report RUN_OR_MULTIRUN_DIR... --by model.mixer._target_,dataset.vocab_size \\
+        --metric test/accuracy [--x dataset.vocab_size] [--curve val/loss] --out DIR [--name NAME]
+
+Every directory below the given ones that holds a ``metrics.json`` (see :mod:`serengeti.run_record`)
+is one run. Its config is read from ``config_resolved.yaml`` beside it (the values the run used,
+including those filled in from the dataset), else from Hydra's ``.hydra/config.yaml``. Runs are
+grouped by the values of the ``--by`` keys; each group is one table row: the metric's mean ± sample
+standard deviation over its runs (seeds), n, and the mean steps, parameters, wall and CPU seconds.
+
+Writes into ``--out``:
+
+* ``NAME.md``: the table;
+* ``NAME.png`` (with ``--x KEY``): the metric's mean (± std bars) against ``KEY``, one line per
+  group of the other ``--by`` keys;
+* ``NAME_curves.png`` (with ``--curve METRIC``): that metric against the step from each run's CSV
+  log (``csv/version_*/metrics.csv``), mean over the group's runs, one line per group.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+
+from serengeti.run_record import RECORD_NAME, RESOLVED_CONFIG_NAME, read_run_record
+
+
+class ReportError(ValueError):
+    """Bad input to the report: the message names the argument or file and what was expected."""
+
+
+@dataclass
+class Run:
+    """One finished run: its directory, config values and record."""
+
+    path: Path
+    config: Any
+    record: dict
+
+    def value(self, key: str) -> Any:
+        """The config value at dotted ``key`` (``None`` when absent or unresolvable)."""
+        return OmegaConf.select(self.config, key, default=None, throw_on_resolution_failure=False)
+
+
+@dataclass
+class Group:
+    """Runs sharing the values of the ``--by`` keys, and the statistics of one metric over them."""
+
+    key: tuple
+    runs: list[Run] = field(default_factory=list)
+
+    def values(self, metric: str) -> list[float]:
+        return [r.record["metrics"][metric] for r in self.runs if metric in r.record["metrics"]]
+
+    def mean_of(self, field_name: str) -> float:
+        xs = [float(r.record[field_name]) for r in self.runs if r.record.get(field_name) is not None]
+        return sum(xs) / len(xs) if xs else math.nan
+
+
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; nan for n < 2)."""
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+
+
+def find_runs(roots: Sequence[str | Path]) -> list[Run]:
+    """Every run (a directory holding ``metrics.json``) under ``roots``, sorted by path."""
+    runs = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise ReportError(f"run directory not found: {root}")
+        for record_path in sorted(root.rglob(RECORD_NAME)):
+            run_dir = record_path.parent
+            config_path = run_dir / RESOLVED_CONFIG_NAME
+            if not config_path.is_file():
+                config_path = run_dir / ".hydra" / "config.yaml"
+            if not config_path.is_file():
+                raise ReportError(f"{run_dir}: no {RESOLVED_CONFIG_NAME} or .hydra/config.yaml beside {RECORD_NAME}")
+            runs.append(Run(run_dir, OmegaConf.load(config_path), read_run_record(run_dir)))
+    if not runs:
+        raise ReportError(f"no {RECORD_NAME} found under {', '.join(map(str, roots))}")
+    return runs
+
+
+def group_runs(runs: Sequence[Run], by: Sequence[str]) -> list[Group]:
+    """Groups in order of their key values (numbers numerically, the rest as text)."""
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        key = tuple(run.value(k) for k in by)
+        groups.setdefault(key, Group(key)).runs.append(run)
+    return [groups[k] for k in sorted(groups, key=_sort_key)]
+
+
+def _sort_key(key: tuple) -> tuple:
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in key)
+
+
+def show(key: str, value: Any) -> str:
+    """A config value for a table cell or legend (a ``_target_`` shows its class name only)."""
+    if key.endswith("_target_") and isinstance(value, str):
+        return value.rsplit(".", 1)[-1]
+    return "–" if value is None else str(value)
+
+
+def _fmt(x: float, digits: int = 4) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.{digits}g}"
+
+
+def markdown_table(groups: Sequence[Group], by: Sequence[str], metric: str) -> str:
+    """One row per group: the ``by`` values, metric mean ± std, n, mean steps / params / wall / CPU s."""
+    head = [*by, f"{metric} (mean ± std)", "n", "steps", "params", "wall s", "CPU s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(by) + [" ---: "] * 6) + "|"]
+    for g in groups:
+        mean, std = mean_std(g.values(metric))
+        cell = _fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
+        row = [show(k, v) for k, v in zip(by, g.key)]
+        row += [cell, str(len(g.values(metric))), _fmt(g.mean_of("steps"), 6), _fmt(g.mean_of("n_params"), 6),
+                _fmt(g.mean_of("wall_s"), 4), _fmt(g.mean_of("cpu_s"), 4)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def read_curve(run_dir: Path, metric: str) -> dict[int, float]:
+    """``{step: value}`` of ``metric`` from the run's CSV logs (later versions override earlier)."""
+    points: dict[int, float] = {}
+    for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get(metric) not in (None, "") and row.get("step") not in (None, ""):
+                    points[int(float(row["step"]))] = float(row[metric])
+    return points
+
+
+def mean_curve(runs: Sequence[Run], metric: str) -> tuple[list[int], list[float]]:
+    """Steps logged by every run, and the metric's mean over the runs at each of them."""
+    curves = [read_curve(r.path, metric) for r in runs]
+    curves = [c for c in curves if c]
+    if not curves:
+        return [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [sum(c[s] for c in curves) / len(curves) for s in steps]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(by: Sequence[str], key: tuple) -> str:
+    return ", ".join(show(k, v) for k, v in zip(by, key)) or "all runs"
+
+
+def plot_metric(runs: Sequence[Run], rest: Sequence[str], metric: str, x: str, out: Path) -> None:
+    """Metric mean ± std against config key ``x``, one line per group of the ``rest`` keys."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for g in group_runs(runs, rest):
+        points = group_runs(g.runs, [x])
+        xs = [p.key[0] for p in points]
+        stats = [mean_std(p.values(metric)) for p in points]
+        numeric = all(isinstance(v, (int, float)) for v in xs)
+        ax.errorbar(xs if numeric else range(len(xs)), [m for m, _ in stats],
+                    yerr=[0.0 if math.isnan(s) else s for _, s in stats], marker="o", capsize=3,
+                    label=f"{_label(rest, g.key)} (n={min(len(p.runs) for p in points)}-{max(len(p.runs) for p in points)})"
+                    if len({len(p.runs) for p in points}) > 1 else f"{_label(rest, g.key)} (n={len(points[0].runs)})")
+        if not numeric:
+            ax.set_xticks(range(len(xs)), [show(x, v) for v in xs])
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(groups: Sequence[Group], by: Sequence[str], metric: str, out: Path) -> None:
+    """``metric`` against the step (mean over each group's runs), one line per group."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for g in groups:
+        steps, values = mean_curve(g.runs, metric)
+        if steps:
+            ax.plot(steps, values, marker=".", label=f"{_label(by, g.key)} (n={len(g.runs)})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str | Path, *, x: str | None = None,
+           curve: str | None = None, name: str | None = None) -> dict[str, Path]:
+    """Write the table (and figures) for the runs under ``roots``; returns ``{kind: path}``."""
+    runs = find_runs(roots)
+    if not any(metric in r.record["metrics"] for r in runs):
+        known = sorted({m for r in runs for m in r.record["metrics"]})
+        raise ReportError(f"--metric {metric!r} is in no run's metrics.json (they have: {', '.join(known)})")
+    if x is not None and x not in by:
+        by = [*by, x]
+    groups = group_runs(runs, by)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = name or metric.replace("/", "_")
+    written = {"table": out / f"{name}.md"}
+    written["table"].write_text(markdown_table(groups, by, metric))
+    if x is not None:
+        written["plot"] = out / f"{name}.png"
+        plot_metric(runs, [k for k in by if k != x], metric, x, written["plot"])
+    if curve is not None:
+        written["curves"] = out / f"{name}_curves.png"
+        plot_curves(groups, by, curve, written["curves"])
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serengeti.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", help="run or multirun directories (searched for metrics.json)")
+    parser.add_argument("--by", default="", help="comma-separated config keys to group by")
+    parser.add_argument("--metric", required=True, help="metric of metrics.json, e.g. test/accuracy or val/loss")
+    parser.add_argument("--x", default=None, help="config key for the x axis of the metric plot")
+    parser.add_argument("--curve", default=None, help="CSV-logged metric to plot against the step, e.g. val/loss")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--name", default=None, help="file stem of the outputs (default: the metric)")
+    args = parser.parse_args(argv)
+    by = [k for k in args.by.split(",") if k]
+    try:
+        written = report(args.dirs, by, args.metric, args.out, x=args.x, curve=args.curve, name=args.name)
+    except ReportError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(written["table"].read_text())
+    for kind, path in written.items():
+        print(f"wrote {kind}: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
