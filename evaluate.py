@@ -7,14 +7,19 @@
 
 Composes ``configs/evaluate.yaml`` and calls :func:`serengeti.evaluate.run.main`.
 """
-import hydra
-from omegaconf import DictConfig
+from serengeti.runtime import threads_from_config, use_passive_omp_wait
+
+use_passive_omp_wait()  # before torch loads: idle OpenMP threads sleep instead of spinning
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     from serengeti.evaluate.run import main as run_main
 
+    threads_from_config(cfg)  # torch threads: cfg.threads, or the CPUs this process may use
     return run_main(cfg)
 
 

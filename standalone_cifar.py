@@ -31,6 +31,9 @@ import os
 import random
 import time
 
+# before torch loads: idle OpenMP threads sleep instead of spin-waiting (a busy neighbour process stalls them)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -393,7 +396,7 @@ def parse_args(argv=None):
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="torch device (default: cuda when available, else cpu); on CUDA the model runs in bf16 autocast, "
                           "the FFT convolution in float32")
-    run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the CPUs this process may use)")
     run.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation and dropout")
     run.add_argument("--history", default=None,
                      help="write the per-epoch curve (seconds, CPU seconds, losses, test accuracy) and the flags as JSON here")
@@ -412,8 +415,8 @@ def main(argv=None) -> dict:
     if args.eval_every < 1:
         raise SystemExit(f"--eval-every must be >= 1, got {args.eval_every}")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # default: the CPUs this process may use (its affinity mask), not torch's count of the machine's cores
+    torch.set_num_threads(args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
     device = torch.device(args.device)
     try:  # before loading data, so a bad flag (e.g. --pool) stops at once with the model's one-line message
         model = LongConvClassifier(1 if args.grayscale else 3, d_model=args.d_model, n_layers=args.n_layers,

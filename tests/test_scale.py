@@ -98,3 +98,42 @@ def test_accumulation_and_two_processes_match_the_full_batch(tmp_path):
     diff = max(max(abs(a - b) for a, b in zip(full, accumulated)), max(abs(a - b) for a, b in zip(full, ddp)))
     print(f"max |loss difference| over {STEPS} steps: {diff:.3g} (full {full})")
     assert diff <= 1e-5
+
+
+# --- shared machines: passive OpenMP waits, threads = the CPUs this process may use --------------------------
+
+def test_threads_default_to_the_affinity_mask():
+    import torch
+
+    from serengeti.runtime import available_cpus, set_threads
+
+    n = torch.get_num_threads()
+    try:
+        assert set_threads(None) == available_cpus() == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        assert set_threads(1) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_available_cpus_follows_a_narrowed_affinity():
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from serengeti.runtime import available_cpus; print(available_cpus())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "1", res.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_entry_scripts_set_the_wait_policy_before_torch_loads(script):
+    code = (f"import os, runpy, sys; os.environ.pop('OMP_WAIT_POLICY', None); "
+            f"runpy.run_path({str(ROOT / script)!r}, run_name='not_main'); "
+            f"print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.split() == ["PASSIVE", "False"], res.stderr[-2000:]
+
+
+def test_bad_threads_is_a_one_line_config_error(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "threads=0", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("config error: threads=0: expected an integer >= 1"), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
