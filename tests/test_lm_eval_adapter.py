@@ -1,6 +1,8 @@
 """The lm-eval adapter's scoring and generation against direct forward passes (offline, no lm_eval needed)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,7 +156,7 @@ def test_errors(char_tok, monkeypatch):
     with pytest.raises(ValueError, match="max_length"):
         LMScorer(model, char_tok, max_length=4).loglikelihood([("a", "the quick")])
     monkeypatch.setattr(lm_eval_adapter, "SerengetiLM", None)
-    with pytest.raises(ImportError, match=r"pip install \.\[eval\]"):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[eval\]"'):
         run_lm_eval(model, char_tok, ["lambada_openai"])
 
 
@@ -209,3 +211,135 @@ def test_simple_evaluate_on_local_tasks(tmp_path, char_tok):
               == r["label"] for r in rows) / len(rows)
     assert res["tiny_mc"]["acc,none"] == pytest.approx(acc)
     assert set(res) == {"tiny_mc", "tiny_roll", "tiny_gen"}
+
+
+def test_prefix_token_id_defaults_and_errors():
+    model = tiny_lm("h3", 8, l_max=None)
+    newline = CharTokenizer("ab\ncd", eos=False)  # char vocabulary without end-of-text: "\n" starts texts
+    assert LMScorer(model, newline).prefix_token_id == newline.encode_batch(["\n"])[0][0]
+    assert LMScorer(model, newline, prefix_token_id=3).prefix_token_id == 3
+    with pytest.raises(ValueError, match=r"prefix_token_id: the tokenizer has no end-of-text id and no newline"):
+        LMScorer(model, CharTokenizer("abcd", eos=False))
+    with pytest.raises(ValueError, match=r"prefix_token_id=8 is not a token id in \[0, 8\)"):
+        LMScorer(model, newline, prefix_token_id=8)
+
+
+# --- local tasks through lm_eval's command line and evaluate.py, on exported BPE / char checkpoints -------------
+
+MC_ROWS = [{"question": "The king is", "choices": ["dead", "here", "gone"], "label": 0},
+           {"question": "Good morrow, my", "choices": ["lord", "lady"], "label": 1},
+           {"question": "What say you", "choices": ["now", "then", "sir"], "label": 2},
+           {"question": "Farewell", "choices": ["friend", "good night"], "label": 0}]
+ROLLING_ROWS = [{"text": "To be or not to be."}, {"text": "Now is the winter of"}]
+
+
+def write_local_tasks(root: Path) -> Path:
+    """``tiny_mc`` (multiple choice, acc) and ``tiny_roll`` (rolling log-likelihood) as task YAMLs over JSON lines."""
+    import json
+
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("mc", MC_ROWS), ("roll", ROLLING_ROWS)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"dataset_path": "json", "test_split": "test"}
+    mc = dict(base, task="tiny_mc", dataset_kwargs={"data_files": {"test": str(root / "mc.jsonl")}},
+              output_type="multiple_choice", doc_to_text="{{question}}", doc_to_choice="{{choices}}",
+              doc_to_target="{{label}}", metric_list=[{"metric": "acc"}])
+    roll = dict(base, task="tiny_roll", dataset_kwargs={"data_files": {"test": str(root / "roll.jsonl")}},
+                output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="{{text}}",
+                metric_list=[{"metric": "word_perplexity"}])
+    (root / "tiny_mc.yaml").write_text(yaml.safe_dump(mc))
+    (root / "tiny_roll.yaml").write_text(yaml.safe_dump(roll))
+    return root
+
+
+def expected_metrics(model, tok, prefix_id: int) -> dict[str, float]:
+    """``acc`` of tiny_mc and ``word_perplexity`` of tiny_roll from full forward passes of the model
+    (lm_eval joins question and choice with a space; rolling texts follow the prefix token)."""
+    import math
+    import re
+
+    correct = 0
+    for row in MC_ROWS:
+        ctx = enc(tok, row["question"])
+        lls = []
+        for choice in row["choices"]:
+            cont = enc(tok, " " + choice)
+            lls.append(direct_logprobs(model, ctx + cont)[-len(cont):].sum().item())
+        correct += max(range(len(lls)), key=lls.__getitem__) == row["label"]
+    ll = sum(direct_logprobs(model, [prefix_id] + enc(tok, r["text"])).sum().item() for r in ROLLING_ROWS)
+    words = sum(len(re.split(r"\s+", r["text"])) for r in ROLLING_ROWS)
+    return {"acc": correct / len(MC_ROWS), "word_perplexity": math.exp(-ll / words)}
+
+
+@pytest.fixture(scope="module", params=["bpe", "char"])
+def exported_with_tasks(request, tmp_path_factory):
+    pytest.importorskip("lm_eval", reason='lm_eval is not installed: pip install -e ".[eval]"')
+    from test_pretrained import export_tiny
+
+    from serengeti import LMHeadModel, load_tokenizer
+
+    tmp = tmp_path_factory.mktemp(f"lm_eval_{request.param}")
+    _, export_dir, _ = export_tiny(tmp, request.param)
+    model, tok = LMHeadModel.from_pretrained(export_dir), load_tokenizer(export_dir)
+    prefix = tok.eos_id if request.param == "bpe" else tok.encode_batch(["\n"])[0][0]
+    assert (tok.eos_id is None) == (request.param == "char"), "Tiny Shakespeare's char vocabulary has no end-of-text"
+    return export_dir, write_local_tasks(tmp / "tasks"), expected_metrics(model, tok, prefix)
+
+
+def _check(results: dict, want: dict) -> None:
+    assert results["tiny_mc"]["acc,none"] == pytest.approx(want["acc"])
+    assert results["tiny_roll"]["word_perplexity,none"] == pytest.approx(want["word_perplexity"], rel=1e-4)
+
+
+def test_evaluate_py_runs_local_tasks(exported_with_tasks, tmp_path):
+    import json
+
+    from test_evaluate import eval_cfg
+
+    from serengeti.evaluate.run import run as evaluate
+
+    export_dir, tasks_dir, want = exported_with_tasks
+    out = tmp_path / "lm_eval.json"
+    evaluate(eval_cfg(["task=lm_eval", f"ckpt={export_dir}", f"include_path={tasks_dir}", "tasks=[tiny_mc,tiny_roll]",
+                       "device=cpu", f"out={out}"], tmp_path / "run"))
+    _check(json.loads(out.read_text()), want)
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_runs_local_tasks(exported_with_tasks, tmp_path):
+    """The installed ``serengeti-lm-eval`` script (lm_eval's CLI with the model registered), offline.
+    Slow (15-35 s each): lm_eval's command line indexes its ~14k built-in task YAMLs first."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    export_dir, tasks_dir, want = exported_with_tasks
+    script = shutil.which("serengeti-lm-eval", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                        os.environ.get("PATH", "")]))
+    cmd = [script] if script else [sys.executable, "-c", "from serengeti.evaluate.lm_eval_adapter import cli; cli()"]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"))
+    res = subprocess.run(cmd + ["--model", "serengeti", "--model_args", f"pretrained={export_dir}", "--device", "cpu",
+                                "--include_path", str(tasks_dir), "--tasks", "tiny_mc,tiny_roll",
+                                "--output_path", str(tmp_path / "out")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (result_file,) = (tmp_path / "out").rglob("results_*.json")
+    _check(json.loads(result_file.read_text())["results"], want)
+
+
+def test_evaluate_py_lm_eval_errors_are_one_line(exported_with_tasks, tmp_path):
+    from test_evaluate import eval_cfg
+
+    from serengeti.evaluate.run import main as evaluate_main
+
+    export_dir, tasks_dir, _ = exported_with_tasks
+    with pytest.raises(SystemExit, match=r"^error: prefix_token_id=100000 is not a token id in \[0, \d+\)$"):
+        evaluate_main(eval_cfg(["task=lm_eval", f"ckpt={export_dir}", f"include_path={tasks_dir}", "tasks=[tiny_mc]",
+                                "prefix_token_id=100000", "device=cpu"], tmp_path))
+    with pytest.raises(SystemExit, match=r"^error: include_path=.*nowhere: not a directory"):
+        evaluate_main(eval_cfg(["task=lm_eval", f"ckpt={export_dir}", f"include_path={tmp_path / 'nowhere'}",
+                                "tasks=[tiny_mc]", "device=cpu"], tmp_path))

@@ -5,7 +5,14 @@ The scoring logic lives in :class:`LMScorer`, which needs nothing from ``lm_eval
 an ``.args`` attribute holding one (lm_eval's ``Instance``). When ``lm_eval`` is importable,
 :class:`SerengetiLM` wraps it as an ``lm_eval.api.model.LM`` registered under the name
 ``serengeti``, and :func:`run_lm_eval` runs ``lm_eval.simple_evaluate`` on it. ``lm_eval`` is an
-optional extra: ``pip install .[eval]``.
+optional extra: ``pip install -e ".[eval]"``.
+
+Command line: lm_eval 0.4 finds models only in its own registry (no entry-point discovery), so a
+plain ``lm_eval --model serengeti`` cannot see this module. :func:`cli` is lm_eval's own command
+line with the model registered, installed as ``serengeti-lm-eval`` (same arguments)::
+
+    serengeti-lm-eval --model serengeti --model_args pretrained=PATH --tasks lambada_openai
+    serengeti-lm-eval --model serengeti --model_args pretrained=PATH --include_path my_tasks --tasks my_task
 
 Conventions (what each method computes):
 
@@ -14,8 +21,8 @@ Conventions (what each method computes):
   embedding's padding rows are not part of the distribution), and ``is_greedy`` = every
   continuation token is the argmax at its position. Whitespace at the end of the context is moved
   to the start of the continuation (BPE attaches a leading space to the next word). An empty
-  context is replaced by the prefix token (end-of-text). Contexts longer than the model's maximum
-  length are cut on the left.
+  context is replaced by the prefix token (end-of-text; for character vocabularies without one,
+  the newline character). Contexts longer than the model's maximum length are cut on the left.
 * ``loglikelihood_rolling``: ``log p(text)`` conditioned on the prefix token, every token scored
   exactly once. Texts longer than the maximum length are split into windows of ``max_length``
   inputs; a window that predicts tokens ``[a, b)`` is fed the ``max_length`` tokens ending just
@@ -33,6 +40,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -44,7 +53,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256
-INSTALL_HINT = "pip install .[eval]   (or: pip install 'lm_eval>=0.4')"
+INSTALL_HINT = 'pip install -e ".[eval]"   (or: pip install "lm_eval>=0.4")'
 
 
 def _request_args(request: Any) -> tuple:
@@ -67,7 +76,8 @@ class LMScorer:
         max_length: longest input fed to the model; default: the model's ``l_max`` (Hyena's
             filters stop there), else its ``max_position_embeddings``, else 2048.
         prefix_token_id: conditions the first token of empty contexts and rolling texts; default:
-            the tokenizer's ``eos_id``; required when the tokenizer has none.
+            the tokenizer's ``eos_id``, else (character vocabularies) the id of ``"\\n"``; required
+            when the tokenizer has neither.
         max_gen_toks: default budget of ``generate_until`` when the request sets none.
         seed: seed of the sampler used when a generation request asks for sampling.
     """
@@ -87,11 +97,24 @@ class LMScorer:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         self.vocab_size = int(getattr(model, "vocab_size", model.lm_head.weight.shape[0]))
         self.eos_id = getattr(tokenizer, "eos_id", None)
-        self.prefix_token_id = self.eos_id if prefix_token_id is None else int(prefix_token_id)
+        self.prefix_token_id = self._default_prefix() if prefix_token_id is None else int(prefix_token_id)
         if self.prefix_token_id is None:
-            raise ValueError("the tokenizer has no end-of-text id: pass prefix_token_id=<id> to condition empty contexts")
+            raise ValueError("prefix_token_id: the tokenizer has no end-of-text id and no newline character; pass "
+                             f"prefix_token_id=<a token id in [0, {self.vocab_size})> to condition empty contexts")
+        if not 0 <= self.prefix_token_id < self.vocab_size:
+            raise ValueError(f"prefix_token_id={self.prefix_token_id} is not a token id in [0, {self.vocab_size})")
         self.max_gen_toks = int(max_gen_toks)
         self.seed = seed
+
+    def _default_prefix(self) -> int | None:
+        """End-of-text, else the newline of a vocabulary that has it as one token (char-level text)."""
+        if self.eos_id is not None:
+            return int(self.eos_id)
+        try:
+            ids = self.encode("\n")
+        except ValueError:  # a character vocabulary without "\n"
+            return None
+        return ids[0] if len(ids) == 1 else None
 
     @staticmethod
     def _model_max_length(model: torch.nn.Module) -> int:
@@ -291,7 +314,8 @@ if _lm_eval_available():
                 (:func:`serengeti.checkpoint.load_model`).
             model, tokenizer: an already loaded LM and tokenizer (``tokenizer`` may also be a
                 tokenizer spec for ``pretrained``: a ``tokenizer.json`` or a local GPT-2 directory).
-            device, batch_size, max_length, max_gen_toks, prefix_token_id: see :class:`LMScorer`.
+            device: default CUDA when available, else CPU.
+            batch_size, max_length, max_gen_toks, prefix_token_id: see :class:`LMScorer`.
         """
 
         def __init__(self, pretrained: str | os.PathLike | None = None, *, model: torch.nn.Module | None = None,
@@ -306,7 +330,8 @@ if _lm_eval_available():
                     raise ValueError("the serengeti lm_eval model needs pretrained=<checkpoint path> or model=<LMHeadModel>")
                 from serengeti.checkpoint import load_model
 
-                model, _, tokenizer = load_model(pretrained, device=device or "cpu", tokenizer=tokenizer)
+                device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+                model, _, tokenizer = load_model(pretrained, device=device, tokenizer=tokenizer)
             elif device is not None:
                 model = model.to(device)
             batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
@@ -338,16 +363,38 @@ if _lm_eval_available():
             return self.scorer.generate_until(requests)
 
 
+def task_manager(include_path: str | os.PathLike | None, tasks: Sequence[str | dict]) -> Any:
+    """An lm_eval ``TaskManager`` that also knows the task YAMLs under ``include_path`` (``None``: lm_eval's own).
+
+    Indexing lm_eval's thousands of built-in tasks takes seconds, so when every named task is found
+    under ``include_path`` the built-in ones are left out.
+    """
+    if include_path is None:
+        return None
+    from lm_eval.tasks import TaskManager
+
+    path = Path(include_path).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"include_path={include_path}: not a directory (expected a directory of lm_eval task YAMLs)")
+    local = TaskManager(include_path=str(path), include_defaults=False)
+    names = [t for t in tasks if isinstance(t, str)]
+    if all(name in local.all_tasks for name in names):
+        return local
+    return TaskManager(include_path=str(path))
+
+
 def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str | dict], *, num_fewshot: int | None = None,
                 limit: int | float | None = None, batch_size: int = 8, max_length: int | None = None,
-                device: str | None = None, **simple_evaluate_kwargs: Any) -> dict:
+                device: str | None = None, include_path: str | os.PathLike | None = None,
+                prefix_token_id: int | None = None, **simple_evaluate_kwargs: Any) -> dict:
     """Run lm-evaluation-harness tasks (e.g. ``["lambada_openai", "piqa"]``) on a loaded model.
 
     Args:
         model, tokenizer: from :func:`serengeti.checkpoint.load_model`.
         tasks: lm_eval task names (or task config dicts).
         num_fewshot, limit: passed to ``lm_eval.simple_evaluate`` (``limit``: examples per task).
-        batch_size, max_length, device: see :class:`LMScorer`.
+        batch_size, max_length, device, prefix_token_id: see :class:`LMScorer`.
+        include_path: a directory of local task YAMLs whose ``task:`` names may appear in ``tasks``.
         **simple_evaluate_kwargs: any other ``simple_evaluate`` argument.
 
     Returns:
@@ -355,7 +402,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str | di
 
     Raises:
         ImportError: lm_eval is not installed (the message says how to install it).
-        ValueError: no tasks.
+        ValueError: no tasks, or a bad ``include_path`` / ``prefix_token_id``.
     """
     if SerengetiLM is None:
         raise ImportError(f"task=lm_eval needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
@@ -364,9 +411,22 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str | di
         raise ValueError("tasks is empty: pass lm_eval task names, e.g. tasks=[lambada_openai,piqa]")
     import lm_eval
 
-    lm = SerengetiLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
+    lm = SerengetiLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device,
+                     prefix_token_id=prefix_token_id)
+    simple_evaluate_kwargs.setdefault("task_manager", task_manager(include_path, tasks))
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                       **simple_evaluate_kwargs)
     if results is None:  # non-zero ranks in a distributed run
         return {}
     return results
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``serengeti-lm-eval``: lm_eval's command line (same arguments) with the ``serengeti`` model registered."""
+    if SerengetiLM is None:
+        raise SystemExit(f"error: serengeti-lm-eval needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()

@@ -173,9 +173,10 @@ def task_lm_eval(cfg: DictConfig) -> dict:
     tasks = OmegaConf.to_container(cfg.tasks, resolve=True) if OmegaConf.is_config(cfg.get("tasks")) else cfg.get("tasks")
     try:
         results = run_lm_eval(model, tokenizer, tasks, num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"),
-                              batch_size=int(cfg.get("batch_size") or 8), device=_device(cfg))
-    except ImportError as e:  # lm_eval is an optional extra
-        raise EvalError(str(e)) from None
+                              batch_size=int(cfg.get("batch_size") or 8), device=_device(cfg),
+                              include_path=cfg.get("include_path"), prefix_token_id=cfg.get("prefix_token_id"))
+    except (ImportError, ValueError) as e:  # lm_eval is an optional extra; bad include_path / prefix_token_id / text
+        raise EvalError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     metrics = results.get("results", {})
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "lm_eval.json"
     _write_json(out, json.loads(json.dumps(metrics, default=str)))
