@@ -114,10 +114,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
                               f"written by `evaluate.py task=export`, with {WEIGHTS_NAME} + {CONFIG_NAME})")
     if path.is_dir():
         return _read_export(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code in it, not a torch file at all
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     cfg = (ckpt.get("hyper_parameters") or {}).get("cfg")
@@ -127,6 +124,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     if not state:
         raise CheckpointError(f"{path}: 'state_dict' holds no 'model.*' weights")
     return cfg, state
+
+
+def load_weights_only(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never pickled code
+    (even with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` set, which yields to an explicit argument).
+
+    Raises:
+        CheckpointError: naming the file, for a truncated or foreign file or one carrying code.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code in it, not a torch file at all
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})") from e
 
 
 def _read_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,16 +17,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from serengeti.accelerator import cuda_problem
 from serengeti import config_resolvers  # noqa: F401  (registers ${serengeti.*} resolvers)
-from serengeti.checkpoint import tokenizer_record
+from serengeti.checkpoint import CheckpointError, tokenizer_record
+from serengeti.checkpointing import ModelCheckpoint, SafeCheckpointIO, resolve_ckpt_path
+from serengeti.nonfinite import NonFiniteError, NonFiniteGuard
+from serengeti.preemption import Preempted, Preemption
+from serengeti.resume import ExactResume
 from serengeti.run_record import write_run_record
 from serengeti.scale import apply_global_batch
 from serengeti.tasks.lm import LMTask
+from serengeti.validate import ConfigError, check_config  # ConfigError lives there; re-exported here
 
 log = logging.getLogger("serengeti")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key and what was expected."""
 
 
 def prepare(cfg: DictConfig) -> tuple[pl.LightningDataModule, LMTask]:
@@ -33,13 +36,15 @@ def prepare(cfg: DictConfig) -> tuple[pl.LightningDataModule, LMTask]:
     ``model.vocab_size`` and ``model.l_max`` default (null) to the datamodule's values. Raises
     :class:`ConfigError` for invalid settings before anything is trained or written.
     """
+    check_config(cfg)  # types and ranges of every key, before anything is built
     if (problem := cuda_problem(cfg.get("trainer"))) is not None:
         raise ConfigError(problem)
     apply_global_batch(cfg)  # trainer.accumulate_grad_batches from dataset.global_batch_size and the world size
     try:
         datamodule = instantiate(cfg.dataset)
     except Exception as e:  # hydra wraps constructor errors; surface the message with the group name
-        raise ConfigError(f"dataset: {_root_cause(e)}") from e
+        cause = _root_cause(e)  # messages from the data modules already start with their key
+        raise ConfigError(cause if cause.startswith("dataset") else f"dataset: {cause}") from e
     with open_dict(cfg):
         if cfg.model.get("vocab_size") is None:
             cfg.model.vocab_size = datamodule.vocab_size
@@ -77,20 +82,38 @@ def _log_param_groups(task: LMTask) -> None:
         log.info("param group lr=%g wd=%g: %d tensors, %d parameters", g["lr"], g["weight_decay"], len(g["params"]), n)
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (and test) one configuration; returns the final metrics as floats."""
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule, task = prepare(cfg)
-    n_params = sum(p.numel() for p in task.model.parameters())
-    log.info("model: %s parameters", f"{n_params:,}")
-    _log_param_groups(task)
+def _callbacks(cfg: DictConfig, nan_policy: str) -> list[pl.Callback]:
+    """The configured callbacks plus the ones every run needs: exact resume, the non-finite guard and
+    pre-emption handling (which writes ``last.ckpt`` through the configured checkpoint callback)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    return [*callbacks, ExactResume(), NonFiniteGuard(nan_policy), Preemption(checkpoint)]
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Train (and test) one configuration; returns the final metrics as floats."""
+    pl.seed_everything(cfg.seed, workers=True)  # a resumed run gets its RNG states back at its first batch
+    datamodule, task = prepare(cfg)
+    try:
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from e
+    n_params = sum(p.numel() for p in task.model.parameters())
+    log.info("model: %s parameters", f"{n_params:,}")
+    _log_param_groups(task)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    nan_policy = trainer_cfg.pop("nan_policy", "stop")
+    try:
+        callbacks = _callbacks(cfg, nan_policy)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
+                                      plugins=[SafeCheckpointIO()])
     start = time.time()
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test_after_fit", True):
         for result in trainer.test(task, datamodule=datamodule, verbose=False):
@@ -106,14 +129,34 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """Hydra task function: run, and on a config error remove the fresh run dir and exit with the message."""
+    """Hydra task function: run, and turn every expected failure into one line and a non-zero exit.
+
+    Config errors (also those raised while training starts: data, optimizer, first forward) remove
+    the fresh run dir; a signal exits with 128 + its number after saving ``last.ckpt``; a non-finite
+    loss exits 1 keeping the last finite checkpoint. ``SERENGETI_DEBUG=1`` re-raises with the traceback.
+    """
     try:
         metrics = run(cfg)
-    except ConfigError as e:
+    except Preempted as e:
+        print(f"[serengeti] {e}; resume with ckpt_path={e.path or 'auto'}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except Exception as e:
+        if os.environ.get("SERENGETI_DEBUG"):
+            raise
+        if isinstance(e, ConfigError):
+            _remove_fresh_output_dir(cfg)
+            raise SystemExit(f"config error: {e}") from None
+        if isinstance(e, NonFiniteError):
+            raise SystemExit(f"error: {e}") from None
         _remove_fresh_output_dir(cfg)
-        raise SystemExit(f"config error: {e}") from None
+        raise SystemExit(f"error while training: {type(e).__name__}: {_first_line(_root_cause(e))} "
+                         "(SERENGETI_DEBUG=1 shows the traceback)") from None
     value = metrics.get(cfg.get("monitor"))
     return None if value is None or math.isnan(value) else value
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:500]
 
 
 def _remove_fresh_output_dir(cfg: DictConfig) -> None:

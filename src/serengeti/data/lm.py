@@ -23,7 +23,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from serengeti.data.sources import HFDataset, LocalFiles
+from serengeti.data.samplers import seeded_loader
+from serengeti.data.sources import HFDataset, LocalFiles, read_text_file
 from serengeti.data.token_cache import TokenArray, build_locked, cache_paths, ensure_tokens, read_cache, write_tokens
 from serengeti.data.tokenizers import DEFAULT_EOS_TOKEN, CharTokenizer, load_tokenizer
 from serengeti.data.windows import (
@@ -189,7 +190,7 @@ class LMDataModule(pl.LightningDataModule):
 
     # -- loaders ---------------------------------------------------------------------------
     def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+        return seeded_loader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=self.pin_memory, collate_fn=collate_pairs)
 
@@ -371,7 +372,7 @@ class FractionSplits:
         return [0, int(fractions[0] * n), b, n]
 
     def documents(self, split: str, shard: int = 0, num_shards: int = 1):
-        text = self.path.read_text(encoding="utf-8")
+        text = read_text_file(self.path, f"dataset.path: the file {self.path}")
         cuts = self.cuts(len(text), self.fractions)
         i = SPLIT_ORDER.index(split)
         if shard == 0:
@@ -413,5 +414,5 @@ class Pile(LMDataModule):
         stream = PackedStream(lambda shard, n: self.source.documents(split, shard, n), self.tokenizer, self.seq_len,
                               add_eos=self.add_eos, batch_docs=64, shuffle_buffer=self.shuffle_buffer,
                               max_tokens=self.max_tokens, seed=self.seed)
-        return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
+        return seeded_loader(stream, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=True,
                           persistent_workers=False, pin_memory=self.pin_memory, collate_fn=collate_pairs)

@@ -1,11 +1,36 @@
-"""A shuffling sampler whose order depends only on (seed, epoch), so resumed runs see the same batches."""
+"""Training samplers whose order depends only on (seed, epoch), so resumed runs see the same batches."""
 from __future__ import annotations
 
+from typing import Iterator, Sequence
+
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
-class EpochShuffleSampler(Sampler[int]):
+class ResumableSampler:
+    """Mixin for training samplers: ``skip_next(n)`` drops the first ``n`` indices of the next epoch
+    this rank iterates, so a run resumed mid-epoch continues with the batch it would have seen next
+    (:mod:`serengeti.resume`)."""
+
+    _skip = 0
+
+    def skip_next(self, n: int) -> None:
+        self._skip = int(n)
+
+    def _resumed(self, indices: Sequence[int]) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
+
+
+def seeded_loader(*args, **kwargs) -> DataLoader:
+    """A ``DataLoader`` with its own generator: making its iterator (each epoch, each validation)
+    then draws nothing from the global torch RNG, whose stream dropout uses and a resumed run
+    restores (:mod:`serengeti.resume`)."""
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    return DataLoader(*args, **kwargs)
+
+
+class EpochShuffleSampler(ResumableSampler, Sampler[int]):
     """Random permutation of ``range(n)`` seeded by ``seed + epoch``; Lightning calls ``set_epoch``.
 
     Under DDP each rank takes every ``world_size``-th index of the same permutation (the tail is
@@ -25,4 +50,4 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         usable = len(self) * self.world_size
-        return iter(perm[:usable][self.rank::self.world_size].tolist())
+        return self._resumed(perm[:usable][self.rank::self.world_size].tolist())

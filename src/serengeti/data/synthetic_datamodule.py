@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from serengeti.data import synthetics
-from serengeti.data.samplers import EpochShuffleSampler
+from serengeti.data.samplers import EpochShuffleSampler, seeded_loader
 
 TASKS = ("associative_recall", "induction_head", "mqar")
 
@@ -92,10 +92,10 @@ class SyntheticDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         sampler = EpochShuffleSampler(len(self.train), seed=self.seed, rank=rank, world_size=world)
-        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+        return seeded_loader(self.train, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.test, batch_size=self.batch_size, num_workers=self.num_workers)
+        return seeded_loader(self.test, batch_size=self.batch_size, num_workers=self.num_workers)
 
     test_dataloader = val_dataloader

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
 
+from serengeti.data.samplers import ResumableSampler
+
 IGNORE_INDEX = -100
 
 
@@ -81,7 +83,7 @@ class TrainWindows(Dataset):
         return w[:-1], w[1:]
 
 
-class TrainWindowSampler(DistributedSampler):
+class TrainWindowSampler(ResumableSampler, DistributedSampler):
     """Start positions of the training windows of one epoch, for this rank.
 
     Epoch ``e`` draws ``offset ~ U{0..max_offset}`` and a permutation of the windows from
@@ -120,7 +122,7 @@ class TrainWindowSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         starts = self.epoch_starts(self.epoch)[: self.total_size]
-        return iter(starts[self.rank :: self.num_replicas].tolist())
+        return self._resumed(starts[self.rank :: self.num_replicas].tolist())
 
 
 def eval_layout(num_tokens: int, seq_len: int, stride: int) -> int:

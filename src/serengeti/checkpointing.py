@@ -1,0 +1,125 @@
+"""Writing and reading training checkpoints: atomic, finite, weights-only, and when asked.
+
+* :class:`SafeCheckpointIO` (a Lightning ``CheckpointIO`` plugin) writes each file under a temporary
+  name and renames it into place, so a kill during a save leaves the previous file intact; refuses to
+  write weights holding NaN/inf; and reads resume checkpoints with ``torch.load(weights_only=True)``,
+  so a checkpoint from elsewhere cannot run code through ``train.py ckpt_path=...``.
+* :class:`ModelCheckpoint` is Lightning's, except that ``last.ckpt`` is written every
+  ``every_n_train_steps`` even while the monitored metric does not exist yet (before the first
+  validation), where Lightning defers every save until it does.
+* :func:`resolve_ckpt_path` turns ``ckpt_path=auto`` into the run's own ``last.ckpt`` (or a fresh start).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from serengeti.checkpoint import CheckpointError, load_weights_only
+
+log = logging.getLogger("serengeti")
+
+LAST_NAME = "last.ckpt"
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Saving was refused because a tensor of the model holds NaN or inf."""
+
+
+def first_non_finite(state_dict: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor in ``state_dict`` holding NaN/inf, else ``None``."""
+    for name, t in state_dict.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` through a temporary file in the same directory, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic, finite-only saves; weights-only loads (see the module docstring)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        bad = first_non_finite(checkpoint.get("state_dict", {}))
+        if bad is not None:
+            raise NonFiniteWeightsError(f"refusing to write {path}: weight {bad!r} holds NaN or inf")
+        atomic_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_weights_only(path, map_location=map_location)
+
+
+class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that writes ``last.ckpt`` every ``every_n_train_steps`` even
+    before the monitored metric exists (the best-by-``monitor`` file still waits for it)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self._every_n_train_steps
+        if not (self.save_last and n and trainer.global_step % n == 0) or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None or self.monitor in candidates:
+            return  # Lightning saved (or chose not to) with the metric in hand
+        self.save_last_now(trainer)
+
+    def save_last_now(self, trainer: pl.Trainer) -> str:
+        """Write ``last.ckpt`` at the current step; returns its path.
+
+        The step is not marked as saved, so a best-by-metric save at the same step (after a
+        validation) still happens.
+        """
+        marked = self._last_global_step_saved
+        save_last, self.save_last = self.save_last, True
+        try:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self.save_last, self._last_global_step_saved = save_last, marked
+        return self.last_model_path
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> str | None:
+    """``auto`` -> ``<output_dir>/checkpoints/last.ckpt`` when it exists, else ``None`` (fresh start);
+    any other value must name an existing file."""
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "auto":
+        last = Path(output_dir) / "checkpoints" / LAST_NAME
+        if last.is_file():
+            log.info("ckpt_path=auto: resuming from %s", last)
+            return str(last)
+        log.info("ckpt_path=auto: no %s yet, starting fresh", last)
+        return None
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint file (give a .ckpt written by train.py, "
+                              "or ckpt_path=auto to resume the run's own last.ckpt)")
+    return str(path)

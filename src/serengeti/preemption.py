@@ -1,0 +1,82 @@
+"""Stop cleanly on SIGTERM, SIGUSR1 (SLURM's pre-emption warning) and Ctrl-C: finish the current
+optimizer step, write ``last.ckpt`` at that step, and leave with exit code 128 + signal number.
+
+Lightning's own handling exits 0 without saving on SIGTERM and interrupts Ctrl-C mid-step; this
+callback replaces both for the duration of ``fit``. A second Ctrl-C stops at once (no checkpoint).
+Under DDP every rank stops at the same step (the flag is all-reduced after each step).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import pytorch_lightning as pl
+
+log = logging.getLogger("serengeti")
+
+SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None),
+                            getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+class Preempted(Exception):
+    """Training stopped on a signal after saving ``path`` at ``step``."""
+
+    def __init__(self, signum: int, step: int, path: str | None) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}"
+                         + (f": saved {path}" if path else ": no checkpoint written"))
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class Preemption(pl.Callback):
+    """See the module docstring. ``checkpoint``: the callback whose ``last.ckpt`` is written
+    (:class:`serengeti.checkpointing.ModelCheckpoint`); ``None`` writes ``<root>/checkpoints/last.ckpt``."""
+
+    def __init__(self, checkpoint: Any = None) -> None:
+        self.checkpoint = checkpoint
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == getattr(signal, "SIGINT", None):
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        if self.checkpoint is not None:
+            path = self.checkpoint.save_last_now(trainer)
+        else:
+            from pathlib import Path
+
+            path = str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+            trainer.save_checkpoint(path)
+        raise Preempted(self.received or signal.SIGTERM, trainer.global_step, path)
