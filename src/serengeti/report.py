@@ -176,10 +176,11 @@ def plot_metric(runs: Sequence[Run], rest: Sequence[str], metric: str, x: str, o
         xs = [p.key[0] for p in points]
         stats = [mean_std(p.values(metric)) for p in points]
         numeric = all(isinstance(v, (int, float)) for v in xs)
+        counts = sorted({len(p.values(metric)) for p in points})
+        n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         ax.errorbar(xs if numeric else range(len(xs)), [m for m, _ in stats],
                     yerr=[0.0 if math.isnan(s) else s for _, s in stats], marker="o", capsize=3,
-                    label=f"{_label(rest, g.key)} (n={min(len(p.runs) for p in points)}-{max(len(p.runs) for p in points)})"
-                    if len({len(p.runs) for p in points}) > 1 else f"{_label(rest, g.key)} (n={len(points[0].runs)})")
+                    label=f"{_label(rest, g.key)} (n={n})")
         if not numeric:
             ax.set_xticks(range(len(xs)), [show(x, v) for v in xs])
     ax.set_xlabel(x)

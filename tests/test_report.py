@@ -1,0 +1,105 @@
+"""serengeti.report: aggregation over a fake multirun tree (hand-computed) and a real 2-job sweep."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from serengeti.report import ReportError, find_runs, group_runs, main, mean_curve, mean_std, report
+from serengeti.run_record import RECORD_NAME, atomic_write_text
+
+
+def _fake_run(path: Path, mixer: str, vocab: int, seed: int, acc: float, curve: list[tuple[int, float]] = ()) -> None:
+    (path / ".hydra").mkdir(parents=True)
+    cfg = {"seed": seed, "model": {"mixer": {"_target_": f"serengeti.mixers.{mixer}"}}, "dataset": {"vocab_size": vocab},
+           "paths": {"output_dir": "${hydra:runtime.output_dir}"}}  # unresolvable outside Hydra, as in real runs
+    OmegaConf.save(OmegaConf.create(cfg), path / ".hydra" / "config.yaml")
+    record = {"metrics": {"test/accuracy": acc}, "steps": 100, "wall_s": 10.0 * seed, "cpu_s": 5.0, "n_params": 1000}
+    atomic_write_text(path / RECORD_NAME, json.dumps(record))
+    if curve:
+        (path / "csv" / "version_0").mkdir(parents=True)
+        rows = ["step,train/loss,val/loss"] + [f"{s},0.5," for s, _ in curve] + [f"{s},,{v}" for s, v in curve]
+        (path / "csv" / "version_0" / "metrics.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def fake_multirun(tmp_path):
+    """Hyena at vocab 10 (3 seeds: 0.5, 0.7, 0.9), H3 at vocab 10 (2 seeds: 1.0, 0.25), Hyena at vocab 20 (1 seed)."""
+    root = tmp_path / "multirun"
+    jobs = [("Hyena", 10, 1, 0.5), ("Hyena", 10, 2, 0.7), ("Hyena", 10, 3, 0.9),
+            ("H3", 10, 1, 1.0), ("H3", 10, 2, 0.25), ("Hyena", 20, 1, 0.4)]
+    for i, (mixer, vocab, seed, acc) in enumerate(jobs):
+        curve = [(9, 2.0 + seed), (19, 1.0 + seed)] if mixer == "Hyena" and vocab == 10 else []
+        _fake_run(root / str(i), mixer, vocab, seed, acc, curve)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    (root / "6" / ".hydra").mkdir(parents=True)  # a job that did not finish: no metrics.json, not a run
+    return root
+
+
+def test_mean_std_by_hand():
+    assert mean_std([0.5, 0.7, 0.9]) == pytest.approx((0.7, 0.2))
+    mean, std = mean_std([3.0])
+    assert mean == 3.0 and math.isnan(std)
+
+
+def test_grouping_and_table(fake_multirun, tmp_path):
+    runs = find_runs([fake_multirun])
+    assert len(runs) == 6
+    groups = group_runs(runs, ["model.mixer._target_", "dataset.vocab_size"])
+    assert [g.key for g in groups] == [("serengeti.mixers.H3", 10), ("serengeti.mixers.Hyena", 10), ("serengeti.mixers.Hyena", 20)]
+    h3, hyena10, _ = groups
+    assert mean_std(h3.values("test/accuracy")) == pytest.approx((0.625, math.sqrt(2 * 0.375**2)))
+    assert hyena10.mean_of("wall_s") == pytest.approx(20.0)
+    written = report([fake_multirun], ["model.mixer._target_", "dataset.vocab_size"], "test/accuracy", tmp_path / "out",
+                     x="dataset.vocab_size", curve="val/loss")
+    table = written["table"].read_text().splitlines()
+    assert table[0].startswith("| model.mixer._target_ | dataset.vocab_size | test/accuracy (mean ± std) | n |")
+    assert table[2].startswith("| H3 | 10 | 0.625 ± 0.53 | 2 | 100 | 1000 | 15 | 5 |")
+    assert table[3].startswith("| Hyena | 10 | 0.7 ± 0.2 | 3 |")
+    assert table[4].startswith("| Hyena | 20 | 0.4 | 1 |")
+    for kind in ("plot", "curves"):
+        assert written[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mean_curve_over_seeds(fake_multirun):
+    hyena10 = group_runs(find_runs([fake_multirun]), ["model.mixer._target_", "dataset.vocab_size"])[1]
+    assert mean_curve(hyena10.runs, "val/loss") == ([9, 19], [pytest.approx(4.0), pytest.approx(3.0)])
+
+
+def test_bad_input_is_one_line(fake_multirun, tmp_path, capsys):
+    assert main([str(fake_multirun), "--metric", "val/nope", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("report: --metric 'val/nope'") and "\n" not in err
+    assert main([str(tmp_path / "missing"), "--metric", "test/accuracy", "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(ReportError, match="no metrics.json"):
+        find_runs([tmp_path / "multirun" / "6"])
+
+
+def test_real_sweep_end_to_end(tmp_path):
+    """train.py -m seed=1,2 (tiny, 4 steps) writes metrics.json per job; the report aggregates both."""
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
+    args = ["-m", "seed=1,2", "dataset.num_examples=64", "dataset.num_test_examples=16", "dataset.batch_size=8",
+            "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false", "~callbacks.rich_model_summary", "~callbacks.rich_progress_bar",
+            "~callbacks.model_checkpoint", f"hydra.sweep.dir={sweep}"]
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads((sweep / j / RECORD_NAME).read_text()) for j in ("0", "1")]
+    for rec in records:
+        assert rec["steps"] == 4 and rec["n_params"] > 0 and rec["wall_s"] > 0 and rec["cpu_s"] > 0
+        assert (sweep / "0" / rec["config"]).is_file() and (rec["git_commit"] is None or len(rec["git_commit"]) == 40)
+    accs = [r["metrics"]["test/accuracy"] for r in records]
+    written = report([sweep], ["model.mixer._target_"], "test/accuracy", tmp_path / "out", curve="val/loss")
+    mean, std = mean_std(accs)
+    row = written["table"].read_text().splitlines()[2]
+    assert row.startswith(f"| Hyena | {mean:.4g} ± {std:.2g} | 2 | 4 |")
+    assert written["curves"].stat().st_size > 0
