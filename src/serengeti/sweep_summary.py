@@ -1,0 +1,142 @@
+"""Hydra callback: at the end of a ``-m`` multirun, one table of every job's overrides and final metrics.
+
+Selected in ``configs/hydra/default.yaml`` (``hydra.callbacks.sweep_summary``). When the sweep ends,
+every job directory under ``hydra.sweep.dir`` (the ones holding ``.hydra/overrides.yaml``) is one
+row: its command-line overrides, its status, and its final metrics from the ``metrics.json`` that
+``train.py`` writes (:mod:`serengeti.run_record`). A job that wrote no record (it failed, or the
+task function is not ``train.py``'s) shows the value its task function returned (``train.py``: the
+``monitor`` metric) when it ran in this process. The table is printed and written to
+``<sweep dir>/summary.csv`` (every override and metric) and ``summary.md`` (the overrides that
+differ between jobs, and the ``val/`` / ``test/`` metrics).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from serengeti.run_record import RECORD_NAME
+
+SHOWN_PREFIXES = ("val/", "test/")
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Job directories of a sweep, in job order (numeric names numerically)."""
+    dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
+    return sorted(dirs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
+def job_row(job_dir: Path, returned: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"job", "overrides", "status", "metrics", "steps"}`` of one job directory.
+
+    ``returned``: what :meth:`SweepSummary.on_job_end` saw for this job (status, monitor, value).
+    """
+    overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
+    row: dict[str, Any] = {"job": job_dir.name, "overrides": overrides, "status": "no record", "metrics": {},
+                           "steps": None}
+    if returned is not None:
+        row["status"] = returned["status"]
+        value = returned.get("value")
+        if returned.get("monitor") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            row["metrics"][returned["monitor"]] = float(value)
+    record_path = job_dir / RECORD_NAME
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError) as e:
+            row["status"] = f"unreadable {RECORD_NAME} ({e})"
+        else:
+            row["metrics"].update(record.get("metrics") or {})
+            row["steps"] = record.get("steps")
+            row["status"] = "completed" if returned is None else row["status"]
+    return row
+
+
+def varying_overrides(rows: Sequence[dict]) -> list[str]:
+    """Override keys whose value differs between jobs (or that some jobs lack), in first-seen order."""
+    values: dict[str, set] = {}
+    for row in rows:
+        for o in row["overrides"]:
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+    return [k for k, v in values.items() if len(v) > 1 or any(k not in _as_dict(r) for r in rows)]
+
+
+def _as_dict(row: dict) -> dict[str, str]:
+    return dict(o.partition("=")[::2] for o in row["overrides"])
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.4g}"
+    return "–" if x is None else str(x)
+
+
+def summary_table(rows: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """``(header, cells)``: job, the varying overrides, status, steps, the ``val/`` and ``test/`` metrics."""
+    keys = varying_overrides(rows)
+    metrics = sorted({m for r in rows for m in r["metrics"] if m.startswith(SHOWN_PREFIXES)})
+    header = ["job", *keys, "status", "steps", *metrics]
+    cells = [[r["job"], *(_as_dict(r).get(k, "–") for k in keys), r["status"], _fmt(r["steps"]),
+              *(_fmt(r["metrics"].get(m)) for m in metrics)] for r in rows]
+    return header, cells
+
+
+def write_summary(sweep_dir: Path, rows: Sequence[dict]) -> tuple[Path, Path]:
+    """``summary.csv`` (all overrides and metrics) and ``summary.md`` (the table) in ``sweep_dir``."""
+    all_metrics = sorted({m for r in rows for m in r["metrics"]})
+    csv_path = sweep_dir / "summary.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["job", "overrides", "status", "steps", *all_metrics])
+        for r in rows:
+            writer.writerow([r["job"], " ".join(r["overrides"]), r["status"], r["steps"] if r["steps"] is not None else "",
+                             *(r["metrics"].get(m, "") for m in all_metrics)])
+    header, cells = summary_table(rows)
+    md_path = sweep_dir / "summary.md"
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def print_table(title: str, rows: Sequence[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, cells = summary_table(rows)
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, justify="right" if "/" in h or h in ("job", "steps") else "left")
+    for c in cells:
+        table.add_row(*c)
+    Console().print(table)
+
+
+class SweepSummary(Callback):
+    """Collects each job's return value (same-process launchers) and writes the table when the sweep ends."""
+
+    def __init__(self) -> None:
+        self.returned: dict[str, dict[str, Any]] = {}
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        job_dir = Path(config.hydra.runtime.output_dir).resolve()
+        ok = job_return.status == JobStatus.COMPLETED
+        self.returned[str(job_dir)] = {"status": "completed" if ok else "failed", "monitor": config.get("monitor"),
+                                       "value": job_return.return_value if ok else None}
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        dirs = job_dirs(sweep_dir) if sweep_dir.is_dir() else []
+        if not dirs:
+            return
+        rows = [job_row(d, self.returned.get(str(d.resolve()))) for d in dirs]
+        print_table(f"sweep {sweep_dir}: {len(rows)} jobs", rows)
+        csv_path, md_path = write_summary(sweep_dir, rows)
+        print(f"[serengeti] sweep summary written to {csv_path} and {md_path.name}")
