@@ -50,6 +50,12 @@ def test_return_value_fills_in_without_a_record(tmp_path):
     assert row["metrics"] == {"val/accuracy": 0.75} and row["status"] == "completed"
 
 
+def test_evaluate_py_flat_metrics_json(tmp_path):
+    d = _job(tmp_path, "0", ["split=test"])
+    (d / "metrics.json").write_text(json.dumps({"ckpt": "x.ckpt", "split": "test", "test/loss": 2.5, "wall_s": 1.0}))
+    assert job_row(d)["metrics"] == {"test/loss": 2.5}
+
+
 def test_multirun_prints_and_writes_the_summary(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
     sweep = tmp_path / "sweep"

@@ -3,7 +3,7 @@
 Selected in ``configs/hydra/default.yaml`` (``hydra.callbacks.sweep_summary``). When the sweep ends,
 every job directory under ``hydra.sweep.dir`` (the ones holding ``.hydra/overrides.yaml``) is one
 row: its command-line overrides, its status, and its final metrics from the ``metrics.json`` that
-``train.py`` writes (:mod:`serengeti.run_record`). A job that wrote no record (it failed, or the
+``train.py`` writes (:mod:`serengeti.run_record`; ``evaluate.py``'s flat one works too). A job that wrote no record (it failed, or the
 task function is not ``train.py``'s) shows the value its task function returned (``train.py``: the
 ``monitor`` metric) when it ran in this process. The table is printed and written to
 ``<sweep dir>/summary.csv`` (every override and metric) and ``summary.md`` (the overrides that
@@ -52,7 +52,8 @@ def job_row(job_dir: Path, returned: dict[str, Any] | None = None) -> dict[str, 
         except (OSError, ValueError) as e:
             row["status"] = f"unreadable {RECORD_NAME} ({e})"
         else:
-            row["metrics"].update(record.get("metrics") or {})
+            flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and "/" in k}  # evaluate.py's
+            row["metrics"].update(record.get("metrics") or flat)
             row["steps"] = record.get("steps")
             row["status"] = "completed" if returned is None else row["status"]
     return row
