@@ -158,6 +158,57 @@ def test_cache_roundtrip_and_corruption_rebuilds(tmp_path):
     assert again.built and len(calls) == 2 and np.asarray(again.tokens).tolist() == expected
 
 
+def _toy_cache(tmp_path: Path):
+    """A built three-document cache entry, its expected ids, and a counter of builds."""
+    docs = ["hello world\n", "", "abc\n"]
+    tok = CharTokenizer.from_text("".join(docs), eos=True)
+    paths = cache_paths(tmp_path, "toy", "train", {"x": 1})
+    calls = []
+
+    def build():
+        calls.append(1)
+        return write_tokens(iter(docs), tok, paths, add_eos=True, spec={"x": 1}, batch_docs=2)
+
+    expected = tok.encode_batch(["hello world\n"])[0] + [tok.eos_id] + tok.encode_batch(["abc\n"])[0] + [tok.eos_id]
+    ensure_tokens(paths, build)
+    return paths, build, expected, calls
+
+
+def test_cache_metadata_records_checksum_and_id_range(tmp_path):
+    import hashlib
+
+    paths, _, expected, _ = _toy_cache(tmp_path)
+    meta = json.loads(paths.meta.read_text())
+    assert meta["sha256"] == hashlib.sha256(paths.bin.read_bytes()).hexdigest()  # hashlib over the whole file
+    assert (meta["min_id"], meta["max_id"]) == (min(expected), max(expected))
+
+
+def test_same_size_corruption_is_detected_and_rebuilt(tmp_path, caplog):
+    paths, build, expected, calls = _toy_cache(tmp_path)
+    assert not ensure_tokens(paths, build).built  # intact: reused
+    with open(paths.bin, "r+b") as f:  # flip one token in place: same size, same metadata
+        f.seek(2)
+        f.write(bytes([f.read(1)[0] ^ 0x01]))
+    assert paths.bin.stat().st_size == 2 * len(expected)
+    with caplog.at_level("WARNING", logger="serengeti.data.token_cache"):
+        again = ensure_tokens(paths, build)
+    assert "does not match its metadata (checksum); rebuilding" in caplog.text
+    assert again.built and len(calls) == 2 and np.asarray(again.tokens).tolist() == expected
+
+
+def test_cache_without_checksum_or_with_ids_beyond_the_vocabulary_is_rebuilt(tmp_path, caplog):
+    paths, build, expected, calls = _toy_cache(tmp_path)
+    meta = json.loads(paths.meta.read_text())
+    paths.meta.write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))  # an older cache entry
+    with caplog.at_level("WARNING", logger="serengeti.data.token_cache"):
+        assert ensure_tokens(paths, build).built and len(calls) == 2
+    assert "written before checksums were recorded" in caplog.text
+    meta = json.loads(paths.meta.read_text())
+    paths.meta.write_text(json.dumps({**meta, "max_id": meta["vocab_size"]}))
+    assert read_cache(paths) is None
+    assert np.asarray(ensure_tokens(paths, build).tokens).tolist() == expected and len(calls) == 3
+
+
 def _slow_build(cache: str, midway) -> None:
     tok = CharTokenizer("ab", eos=True)
     paths = cache_paths(cache, "toy", "train", {"slow": 1})

@@ -9,6 +9,9 @@ itself for the token-cache key. Split names are ``train``, ``validation`` and ``
 * :class:`HFDataset`: ``datasets.load_dataset(name, config)``, in memory-mapped Arrow form or
   streamed.
 
+Text must be UTF-8 without NUL characters: a file that is not (a binary file, another encoding)
+stops with :class:`DataFileError` naming it, as does a malformed JSON line or Parquet file.
+
 Either can carve a validation split out of ``train`` (OpenWebText has none): a document goes to
 ``validation`` when a seeded hash of its index falls below ``val_ratio``, so the choice needs no
 pass over the data and is the same streamed or not.
@@ -22,6 +25,8 @@ import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+
+from serengeti.validate import ConfigError
 
 SPLITS = ("train", "validation", "test")
 _MASK64 = (1 << 64) - 1
@@ -44,6 +49,29 @@ def _carve(docs: Iterator[str], split: str, val_ratio: float, seed: int) -> Iter
     for i, doc in enumerate(docs):
         if in_carved_validation(i, val_ratio, seed) == want_val:
             yield doc
+
+
+class DataFileError(ConfigError):
+    """A configured data file cannot be read as text; the message names the file and the config key."""
+
+
+def check_text(text: str, where: str) -> str:
+    """``text`` unchanged, or :class:`DataFileError` if it holds a NUL character (binary data)."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise DataFileError(f"{where} holds binary data (a NUL character at character {nul}), not text")
+    return text
+
+
+def read_text_file(path: Path, where: str) -> str:
+    """The whole file as UTF-8 text; :class:`DataFileError` names ``where`` (key and file) if it is not text."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFileError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}: {e.reason}); "
+                            "convert it to UTF-8") from None
+    return check_text(text, where)
 
 
 def _check_split(split: str) -> None:
@@ -114,28 +142,47 @@ class LocalFiles:
         files = self.files(split)
         carve = self.carving and split in ("train", "validation")
         if num_shards > 1 and len(files) >= num_shards and not carve:
-            yield from self._read(files[shard::num_shards])
+            yield from self._read(files[shard::num_shards], split)
             return
-        docs = self._read(files)
+        docs = self._read(files, split)
         if carve:
             docs = _carve(docs, split, self.val_ratio, self.val_seed)
         for i, doc in enumerate(docs):
             if i % num_shards == shard:
                 yield doc
 
-    def _read(self, files: Sequence[Path]) -> Iterator[str]:
+    def _read(self, files: Sequence[Path], split: str) -> Iterator[str]:
         for f in files:
+            where = f"{self.key}: the {split} file {f}"
             name = f.name.lower()
-            if name.endswith(".parquet"):
-                yield from _read_parquet(f, self.text_field)
-            elif any(name.endswith(s) for s in (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")):
-                yield from _read_jsonl(f, self.text_field)
-            elif self.unit == "file":
-                yield f.read_text(encoding="utf-8")
-            else:
-                with open(f, encoding="utf-8", newline="") as fh:
-                    for line in fh:
-                        yield line if line.strip() else ""
+            if self.unit == "file" and not name.endswith(_RECORD_SUFFIXES):
+                yield read_text_file(f, where)
+                continue
+            try:
+                for doc in self._records(f):
+                    yield check_text(doc, where)
+            except DataFileError:
+                raise
+            except UnicodeDecodeError as e:
+                raise DataFileError(f"{where} is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}); "
+                                    "convert it to UTF-8") from None
+            except (ValueError, OSError, EOFError) as e:  # malformed JSON, Parquet or gzip data
+                raise DataFileError(f"{where} cannot be read: {e}") from None
+
+    def _records(self, f: Path) -> Iterator[str]:
+        """Documents of one file: Parquet / JSON-lines records, or lines (``unit='line'``)."""
+        name = f.name.lower()
+        if name.endswith(".parquet"):
+            yield from _read_parquet(f, self.text_field)
+        elif name.endswith(_RECORD_SUFFIXES):
+            yield from _read_jsonl(f, self.text_field)
+        else:
+            with open(f, encoding="utf-8", newline="") as fh:
+                for line in fh:
+                    yield line if line.strip() else ""
+
+
+_RECORD_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -155,9 +202,12 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            if field not in record:
-                raise KeyError(f"{path}:{lineno} has no field {field!r} (dataset.text_field)")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"line {lineno} is not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise ValueError(f"line {lineno} has no text field {field!r} (dataset.text_field)")
             yield record[field]
 
 
@@ -166,9 +216,12 @@ def _read_parquet(path: Path, field: str) -> Iterator[str]:
 
     pf = pq.ParquetFile(path)
     if field not in pf.schema_arrow.names:
-        raise KeyError(f"{path} has no column {field!r} (dataset.text_field)")
+        raise ValueError(f"it has no column {field!r} (dataset.text_field)")
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
-        yield from batch.column(0).to_pylist()
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                raise ValueError(f"column {field!r} (dataset.text_field) holds {type(text).__name__}, not text")
+            yield text
 
 
 class HFDataset:

@@ -11,8 +11,13 @@ change of any of them builds a new file instead of reusing a stale one.
 Atomicity: ids are streamed to ``<bin>.tmp-<host>-<pid>``, fsynced and renamed into place;
 the metadata is written the same way *after* the rename. A builder killed at any point leaves
 either no .bin, or a .bin without its .json: both mean "not built", and the next run rebuilds
-(stale temporaries of dead processes are removed). Readers also check that the file size matches
-the metadata.
+(stale temporaries of dead processes are removed).
+
+Integrity: the metadata records the SHA-256 of the .bin and its smallest and largest id. Readers
+check the size, then hash the file (about 0.5 s per 100M uint16 tokens; docs/reliability.md) and
+check the largest id against the vocabulary; a file that fails (a disk error, a file edited or
+copied over in place) is rebuilt with a warning, never used. Entries written before checksums were
+recorded are rebuilt once.
 
 DDP: when ``torch.distributed`` is initialized only global rank 0 builds; the other ranks poll
 for the metadata file (the cache directory must be shared by all ranks) and raise rank 0's
@@ -36,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from serengeti.validate import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +91,54 @@ class TokenArray:
         return len(self.tokens)
 
 
-def read_cache(paths: CachePaths) -> TokenArray | None:
-    """Open a complete cache entry, or return None if it is missing or incomplete."""
+_HASHED: dict[tuple, str] = {}  # (path, inode, size, mtime) -> SHA-256, so one process hashes a file once
+
+
+def file_sha256(path: Path, chunk_bytes: int = 16 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (remembered for the file's current inode, size and mtime)."""
+    st = path.stat()
+    stamp = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if stamp not in _HASHED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                digest.update(chunk)
+        _HASHED[stamp] = digest.hexdigest()
+    return _HASHED[stamp]
+
+
+def _mismatch(paths: CachePaths, meta: dict, *, checksum: bool) -> str | None:
+    """Why ``paths.bin`` cannot be trusted (``None``: it matches its metadata); ``checksum=False`` skips the hash."""
+    try:
+        size = meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
+        recorded, vocab, max_id = meta["sha256"], meta["vocab_size"], meta["max_id"]
+    except (KeyError, TypeError):
+        return "incomplete metadata, or written before checksums were recorded"
+    if paths.bin.stat().st_size != size:
+        return "size"
+    if max_id is not None and not 0 <= max_id < vocab:
+        return f"largest id {max_id} is outside the vocabulary of {vocab}"
+    if checksum and file_sha256(paths.bin) != recorded:
+        return "checksum"
+    return None
+
+
+def read_cache(paths: CachePaths, *, verify: bool = True) -> TokenArray | None:
+    """Open a complete cache entry, or return None if it is missing, incomplete or fails its checks.
+
+    ``verify=False`` checks the size but skips the checksum: for a file this process has just written.
+    """
     if not paths.meta.is_file() or not paths.bin.is_file():
         return None
     try:
         meta = json.loads(paths.meta.read_text())
     except (json.JSONDecodeError, OSError):
         return None
-    dtype = np.dtype(meta["dtype"])
-    if paths.bin.stat().st_size != meta["num_tokens"] * dtype.itemsize:
-        log.warning("token cache %s does not match its metadata (size); rebuilding", paths.bin)
+    problem = _mismatch(paths, meta, checksum=verify)
+    if problem is not None:
+        log.warning("token cache %s does not match its metadata (%s); rebuilding", paths.bin, problem)
         return None
+    dtype = np.dtype(meta["dtype"])
     if meta["num_tokens"] == 0:
         tokens = np.zeros(0, dtype=dtype)
     else:
@@ -145,6 +188,7 @@ def write_tokens(docs: Iterable[str], tokenizer, paths: CachePaths, *, add_eos: 
     paths.bin.parent.mkdir(parents=True, exist_ok=True)
     tmp = paths.bin.with_name(f"{paths.bin.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     n_tokens = n_docs = n_bytes = 0
+    digest, min_id, max_id = hashlib.sha256(), None, None
     start = time.perf_counter()
     next_report = progress_every_bytes
     try:
@@ -163,9 +207,14 @@ def write_tokens(docs: Iterable[str], tokenizer, paths: CachePaths, *, add_eos: 
                 arr = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(map(len, pieces)))
                 if max_tokens is not None and n_tokens + len(arr) > max_tokens:
                     arr = arr[: max_tokens - n_tokens]
-                if len(arr) and int(arr.max()) >= tokenizer.vocab_size:
-                    raise ValueError(f"tokenizer {tokenizer!r} produced id {int(arr.max())} >= its vocab_size")
-                f.write(arr.astype(dtype).tobytes())
+                if len(arr):
+                    lo, hi = int(arr.min()), int(arr.max())
+                    if lo < 0 or hi >= tokenizer.vocab_size:
+                        raise ValueError(f"tokenizer {tokenizer!r} produced an id outside [0, {tokenizer.vocab_size})")
+                    min_id, max_id = min(lo, min_id if min_id is not None else lo), max(hi, max_id if max_id is not None else hi)
+                data = arr.astype(dtype).tobytes()
+                digest.update(data)
+                f.write(data)
                 n_tokens += len(arr)
                 if n_bytes >= next_report:
                     now = time.perf_counter()
@@ -179,6 +228,7 @@ def write_tokens(docs: Iterable[str], tokenizer, paths: CachePaths, *, add_eos: 
         meta = {
             "format": FORMAT_VERSION, "num_tokens": n_tokens, "dtype": dtype.str, "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id, "add_eos": add_eos, "num_documents": n_docs, "num_bytes": n_bytes,
+            "sha256": digest.hexdigest(), "min_id": min_id, "max_id": max_id,
             "build_seconds": round(seconds, 3), "mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 3),
             "tokenizer": getattr(tokenizer, "name", repr(tokenizer)), "spec": spec,
             "built_by": f"{socket.gethostname()}:{os.getpid()}",
@@ -203,8 +253,13 @@ def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
 
 @contextmanager
 def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = open(path, "a")
+    except OSError as e:  # the first write into the cache directory: say which setting points there
+        raise ConfigError(f"dataset.cache_dir: cannot write the token cache into {path.parent} "
+                          f"({e.strerror or e})") from None
+    with lock_file as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -238,7 +293,7 @@ def build_locked(paths: CachePaths, build: Callable[[], dict]) -> TokenArray:
         _remove_stale_temporaries(paths)
         paths.meta.unlink(missing_ok=True)
         build()
-    out = read_cache(paths)
+    out = read_cache(paths, verify=False)  # hashed while it was written
     if out is None:
         raise RuntimeError(f"token cache {paths.bin} was written but cannot be read back")
     out.built = True

@@ -1,7 +1,9 @@
 """evaluate.py's tasks: ``evaluate`` (loss/perplexity/accuracy), ``generate``, ``export``, ``lm_eval``.
 
 Each task takes the composed ``configs/evaluate.yaml`` and returns a dict of results;
-:func:`main` turns bad input into a one-line error and a non-zero exit.
+:func:`main` turns bad input into a one-line error and a non-zero exit. Settings and output paths
+are checked before any model is loaded (:func:`check_settings`), so nothing is computed for a run
+that could not report its result.
 """
 from __future__ import annotations
 
@@ -20,8 +22,64 @@ from omegaconf import DictConfig, OmegaConf
 from serengeti.checkpoint import CheckpointError, export, load_model
 from serengeti.evaluate.perplexity import EvalError, build_datamodule, evaluate_model
 from serengeti.generation import generate
+from serengeti.validate import ConfigError, Rule, check_choice, check_rule, lightning_precisions, remove_fresh_run_dir
 
 log = logging.getLogger("serengeti")
+
+
+SETTINGS = (
+    Rule("seed", "int", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    Rule("batch_size", "int", lambda v: v >= 1, "an integer >= 1", nullable=True),
+    Rule("max_new_tokens", "int", lambda v: v >= 1, "an integer >= 1"),
+    Rule("temperature", "number", lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    Rule("top_k", "int", lambda v: v >= 1, "an integer >= 1", nullable=True),
+    Rule("top_p", "number", lambda v: 0 < v <= 1, "a number in (0, 1]", nullable=True),
+    Rule("num_samples", "int", lambda v: v >= 1, "an integer >= 1"),
+    Rule("num_fewshot", "int", lambda v: v >= 0, "an integer >= 0", nullable=True),
+    Rule("limit", "number", lambda v: v > 0, "a number > 0 (a count, or a fraction of each task)", nullable=True),
+)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Refuse bad settings and unwritable outputs in one line (:class:`EvalError`), before any work."""
+    try:
+        for rule in SETTINGS:
+            check_rule(cfg, rule)
+        check_choice(cfg, "split", ("val", "test"))
+        check_choice(cfg, "precision", lightning_precisions() or (cfg.precision,))
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    _device(cfg)
+    task = cfg.get("task")
+    if task in ("evaluate", "lm_eval"):
+        default = Path(cfg.paths.output_dir) / ("metrics.json" if task == "evaluate" else "lm_eval.json")
+        out = Path(cfg.out) if cfg.get("out") else default
+        if out.is_dir():
+            raise EvalError(f"out={out} is a directory: give the path of the JSON file to write")
+        check_writable(out.parent, "out" if cfg.get("out") else "paths.output_dir")
+    elif task == "export" and cfg.get("out"):
+        check_writable(Path(cfg.out), "out")
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """Raise :class:`EvalError` unless a file can be created in ``directory`` (made and removed again if missing)."""
+    missing = []
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+        fd, tmp = tempfile.mkstemp(prefix=".serengeti-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise EvalError(f"{key}: cannot write into {directory} ({e.strerror or e})") from None
+    finally:
+        for d in missing:
+            if d.is_dir():
+                d.rmdir()
 
 
 def _ckpt(cfg: DictConfig) -> str:
@@ -32,7 +90,15 @@ def _ckpt(cfg: DictConfig) -> str:
 
 def _device(cfg: DictConfig) -> str:
     device = str(cfg.get("device") or "auto")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise EvalError(f"device={device!r}: expected auto, cpu, cuda or cuda:<index>") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"device={device!r}: CUDA is not available here; use device=cpu (or auto)")
+    return device
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -87,9 +153,9 @@ def task_evaluate(cfg: DictConfig) -> dict:
                              precision=str(cfg.precision))
     result = {"ckpt": path, "dataset": dataset_cfg.get("_target_"), "split": cfg.split, **metrics,
               "wall_s": time.time() - start}
+    _print_table(f"{Path(path).name} on {str(dataset_cfg.get('_target_')).rsplit('.', 1)[-1]} ({cfg.split})", metrics)
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "metrics.json"
     _write_json(out, result)
-    _print_table(f"{Path(path).name} on {str(dataset_cfg.get('_target_')).rsplit('.', 1)[-1]} ({cfg.split})", metrics)
     print(f"[serengeti] metrics written to {out}")
     return result
 
@@ -178,10 +244,10 @@ def task_lm_eval(cfg: DictConfig) -> dict:
     except (ImportError, ValueError) as e:  # lm_eval is an optional extra; bad include_path / prefix_token_id / text
         raise EvalError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     metrics = results.get("results", {})
-    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "lm_eval.json"
-    _write_json(out, json.loads(json.dumps(metrics, default=str)))
     for task_name, values in metrics.items():
         _print_table(task_name, {k: v for k, v in values.items() if isinstance(v, (int, float))})
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "lm_eval.json"
+    _write_json(out, json.loads(json.dumps(metrics, default=str)))
     return metrics
 
 
@@ -195,6 +261,7 @@ def run(cfg: DictConfig) -> dict:
     task = cfg.get("task")
     if task not in TASKS:
         raise EvalError(f"task={task!r} is not one of {sorted(TASKS)}")
+    check_settings(cfg)
     return TASKS[task](cfg)
 
 
@@ -202,7 +269,8 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra task function: the evaluation loss (task=evaluate), else None; bad input exits with its message."""
     try:
         result = run(cfg)
-    except (EvalError, CheckpointError) as e:
+    except (EvalError, CheckpointError, ConfigError) as e:  # ConfigError: a dataset file that cannot be read
+        remove_fresh_run_dir(cfg.paths.get("output_dir"))
         raise SystemExit(f"error: {e}") from None
     value = result.get(f"{cfg.get('split')}/loss") if cfg.get("task") == "evaluate" else None
     return None if value is None else float(value)

@@ -1,0 +1,258 @@
+"""Bad input stops in one line naming the key or file: train config checks, text files, evaluate settings.
+
+Most cases call the checks directly; a few run train.py / evaluate.py as a user would and check the exit
+status, that stderr is one line, and that no run dir is left behind. docs/reliability.md lists them all.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+import serengeti.train  # noqa: F401  (registers the config resolvers the configs use)
+from conftest import CONFIG_DIR, ROOT, compose_cfg, tiny_overrides
+from serengeti.data.lm import TextFiles, TinyShakespeare
+from serengeti.data.sources import DataFileError
+from serengeti.evaluate.perplexity import EvalError
+from serengeti.evaluate.run import check_settings
+from serengeti.evaluate.run import run as evaluate
+from serengeti.validate import ConfigError, check_config
+
+# -- train config: types and ranges -----------------------------------------------------------
+
+BAD_TRAIN = [
+    ("optimizer.lr=0", r"optimizer.lr=0: expected a number > 0"),
+    ("optimizer.lr=-1", r"optimizer.lr=-1: expected a number > 0"),
+    ("optimizer.lr=abc", r"optimizer.lr='abc': expected a number > 0"),
+    ("optimizer.lr=nan", r"optimizer.lr=nan: expected a number > 0"),
+    ("optimizer.weight_decay=-1", r"optimizer.weight_decay=-1: expected a number >= 0"),
+    ("optimizer.eps=0", r"optimizer.eps=0: expected a number > 0"),
+    ("optimizer.betas=[2,0.9]", r"optimizer.betas=\[2, 0.9\]: expected two numbers in \[0, 1\)"),
+    ("optimizer.betas=0.9", r"optimizer.betas=0.9: expected two numbers"),
+    ("optimizer.name=sgd", r"optimizer.name='sgd': expected one of \['adamw'\]"),
+    ("optimizer.weight_decay_policy=all", r"optimizer.weight_decay_policy='all': expected one of"),
+    ("dataset.batch_size=0", r"dataset.batch_size=0: expected an integer >= 1"),
+    ("dataset.batch_size=abc", r"dataset.batch_size='abc': expected an integer >= 1"),
+    ("dataset.batch_size=2.5", r"dataset.batch_size=2.5: expected an integer >= 1"),
+    ("dataset.num_examples=0", r"dataset.num_examples=0: expected an integer >= 1"),
+    ("dataset.num_workers=-1", r"dataset.num_workers=-1: expected an integer >= 0"),
+    ("model.n_layer=0", r"model.n_layer=0: expected an integer >= 1"),
+    ("model.n_layer=abc", r"model.n_layer='abc': expected an integer >= 1"),
+    ("model.n_layer=true", r"model.n_layer=True: expected an integer >= 1"),
+    ("model.d_model=-8", r"model.d_model=-8: expected an integer >= 1"),
+    ("model.vocab_size=abc", r"model.vocab_size='abc': expected an integer >= 1 \(or null\)"),
+    ("model.embed_dropout=1.5", r"model.embed_dropout=1.5: expected a probability in \[0, 1\)"),
+    ("model.layer_norm_epsilon=0", r"model.layer_norm_epsilon=0: expected a number > 0"),
+    ("trainer.max_steps=0", r"trainer.max_steps=0: expected an integer >= 1 or -1"),
+    ("trainer.max_steps=-5", r"trainer.max_steps=-5: expected an integer >= 1 or -1"),
+    ("trainer.accumulate_grad_batches=0", r"trainer.accumulate_grad_batches=0: expected an integer >= 1"),
+    ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0: expected an integer >= 1"),
+    ("trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val=-1: expected a number >= 0"),
+    ("trainer.val_check_interval=1.5", r"trainer.val_check_interval=1.5: expected an integer >= 1 or a fraction"),
+    ("trainer.limit_val_batches=-1", r"trainer.limit_val_batches=-1: expected an integer >= 0 or a fraction"),
+    ("trainer.precision=bogus", r"trainer.precision='bogus': expected one of \[.*'32-true'"),
+    ("scheduler.warmup_steps=-1", r"scheduler.warmup_steps=-1: expected an integer >= 0"),
+    ("scheduler.warmup_steps=abc", r"scheduler.warmup_steps='abc': expected an integer >= 0"),
+    ("scheduler.min_lr_ratio=2", r"scheduler.min_lr_ratio=2: expected a number in \[0, 1\]"),
+    ("scheduler.name=bogus", r"scheduler.name='bogus': expected one of \['constant', 'cosine', 'linear'\]"),
+    ("seed=abc", r"seed='abc': expected an integer"),
+    ("seed=-1", r"seed=-1: expected an integer in \[0, 2\*\*32\)"),
+    ("callbacks.model_checkpoint.every_n_train_steps=-1",
+     r"callbacks.model_checkpoint.every_n_train_steps=-1: expected an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_TRAIN, ids=[o for o, _ in BAD_TRAIN])
+def test_check_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        check_config(compose_cfg([override]))
+
+
+def test_an_endless_schedule_is_refused():
+    with pytest.raises(ConfigError, match="trainer.max_steps=-1 with trainer.max_epochs=-1: .*scheduler.total_steps"):
+        check_config(compose_cfg(["trainer.max_steps=-1", "trainer.max_epochs=-1"]))
+    check_config(compose_cfg(["trainer.max_steps=-1", "trainer.max_epochs=-1", "scheduler.total_steps=100"]))
+
+
+def _experiments() -> list[str]:
+    root = ROOT / "configs" / "experiment"
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", [None, "wikitext/transformer", "owt/hybrid_h3", "pile/hyena",
+                                        "synthetics/associative_recall/hyena_s5_131k_v30"])
+def test_shipped_configs_pass(experiment):
+    """The checks refuse nothing the repository ships: the default run and one experiment per family."""
+    check_config(compose_cfg([f"experiment={experiment}"] if experiment else []))
+
+
+@pytest.mark.slow  # composes every experiment (about 60)
+def test_every_shipped_experiment_passes():
+    for experiment in _experiments():
+        check_config(compose_cfg([f"experiment={experiment}"]))
+
+
+def test_prepare_checks_before_building(tmp_path, monkeypatch):
+    """prepare() refuses a bad value before the datamodule is built."""
+    from serengeti.train import prepare
+
+    monkeypatch.setattr("serengeti.train.instantiate", lambda *a, **k: pytest.fail("built despite a bad config"))
+    with pytest.raises(ConfigError, match="optimizer.lr=0"):
+        prepare(compose_cfg(tiny_overrides(tmp_path) + ["optimizer.lr=0"], output_dir=tmp_path))
+
+
+# -- text files -------------------------------------------------------------------------------
+
+def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, what the message must say)."""
+    files = {
+        "binary": (tmp / "image.txt", bytes(range(256)) * 4, r"is not UTF-8 text \(byte 0x80"),
+        "nul": (tmp / "nul.txt", b"hello\x00world\n" * 10, r"holds binary data \(a NUL character at character 5\)"),
+        "latin1": (tmp / "latin1.txt", "caf\xe9 au lait\n".encode("latin-1") * 10, r"is not UTF-8 text \(byte 0xe9"),
+        "bad_json": (tmp / "bad.jsonl", b'{"text": "a"}\nnot json\n', r"cannot be read: line 2 is not JSON"),
+        "no_field": (tmp / "nofield.jsonl", b'{"body": "a"}\n', r"cannot be read: line 1 has no text field 'text' \(dataset.text_field\)"),
+        "bad_gzip": (tmp / "bad.jsonl.gz", b"not gzip at all", r"cannot be read: Not a gzipped file"),
+        "nul_json": (tmp / "nul.jsonl.gz", gzip.compress(b'{"text": "a\\u0000b"}\n'), r"holds binary data"),
+    }
+    for path, data, _ in files.values():
+        path.write_bytes(data)
+    return {name: (path, message) for name, (path, _, message) in files.items()}
+
+
+@pytest.mark.parametrize("unit", ["file", "line"])
+@pytest.mark.parametrize("name", ["binary", "nul", "latin1", "bad_json", "no_field", "bad_gzip", "nul_json"])
+def test_unreadable_text_names_the_file(tmp_path, name, unit):
+    path, message = _bad_files(tmp_path)[name]
+    with pytest.raises(DataFileError, match=f"^dataset: the train file {path} {message}"):
+        TextFiles(train=str(path), unit=unit, tokenizer="char", seq_len=8, batch_size=1, cache_dir=str(tmp_path / "c"))
+
+
+def test_unreadable_text_names_the_file_with_a_bpe_tokenizer(tmp_path, shared_data):
+    """With a BPE tokenizer the text is first read while building the token cache."""
+    path, message = _bad_files(tmp_path)["nul"]
+    dm = TextFiles(train=str(path), tokenizer=str(shared_data / "gpt2"), seq_len=8, batch_size=1,
+                   cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataFileError, match=f"{path} {message}"):
+        dm.setup("fit")
+
+
+def test_tinyshakespeare_local_file_must_be_text(tmp_path):
+    path, message = _bad_files(tmp_path)["binary"]
+    with pytest.raises(DataFileError, match=f"^dataset.path: the file {path} {message}"):
+        TinyShakespeare(path=str(path), seq_len=8, batch_size=1, cache_dir=str(tmp_path / "c"))
+
+
+def test_unwritable_cache_dir_names_the_key(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefgh " * 40)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a directory cannot be made below a file, whoever runs the test
+    dm = TextFiles(train=str(text), tokenizer="char", seq_len=8, batch_size=1, cache_dir=str(blocker / "cache"))
+    with pytest.raises(ConfigError, match=f"^dataset.cache_dir: cannot write the token cache into {blocker}/cache"):
+        dm.setup("fit")
+
+
+# -- evaluate.py settings ---------------------------------------------------------------------
+
+def eval_cfg(overrides: list[str], output_dir: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+BAD_EVAL = [
+    ("num_samples=0", r"num_samples=0: expected an integer >= 1"),
+    ("num_samples=-2", r"num_samples=-2: expected an integer >= 1"),
+    ("max_new_tokens=-1", r"max_new_tokens=-1: expected an integer >= 1"),
+    ("max_new_tokens=abc", r"max_new_tokens='abc': expected an integer >= 1"),
+    ("temperature=-1", r"temperature=-1: expected a number >= 0"),
+    ("top_p=0", r"top_p=0: expected a number in \(0, 1\]"),
+    ("top_p=1.5", r"top_p=1.5: expected a number in \(0, 1\]"),
+    ("top_k=0", r"top_k=0: expected an integer >= 1"),
+    ("batch_size=0", r"batch_size=0: expected an integer >= 1"),
+    ("seed=abc", r"seed='abc': expected an integer"),
+    ("split=train", r"split='train': expected one of \['test', 'val'\]"),
+    ("precision=bogus", r"precision='bogus': expected one of"),
+    ("device=nonsense", r"device='nonsense': expected auto, cpu, cuda or cuda:<index>"),
+    ("num_fewshot=-1", r"num_fewshot=-1: expected an integer >= 0"),
+    ("limit=0", r"limit=0: expected a number > 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_EVAL, ids=[o for o, _ in BAD_EVAL])
+def test_evaluate_settings_name_the_key(override, message, tmp_path):
+    with pytest.raises(EvalError, match=f"^{message}"):
+        check_settings(eval_cfg(["task=generate", override], tmp_path))
+
+
+class LoadAttempted(Exception):
+    pass
+
+
+def test_unwritable_output_fails_before_the_model_is_loaded(tmp_path, monkeypatch):
+    def load_model(*args, **kwargs):
+        raise LoadAttempted
+
+    monkeypatch.setattr("serengeti.evaluate.run.load_model", load_model)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(EvalError, match=f"^out: cannot write into {blocker}/sub"):
+        evaluate(eval_cfg(["ckpt=x.ckpt", f"out={blocker / 'sub' / 'm.json'}"], tmp_path))
+    with pytest.raises(EvalError, match=f"^out={tmp_path} is a directory"):
+        evaluate(eval_cfg(["ckpt=x.ckpt", f"out={tmp_path}"], tmp_path))
+    with pytest.raises(EvalError, match=f"^out: cannot write into {blocker}"):
+        evaluate(eval_cfg(["task=export", "ckpt=x.ckpt", f"out={blocker / 'export'}"], tmp_path))
+    with pytest.raises(EvalError, match=f"^paths.output_dir: cannot write into {blocker}/run"):
+        evaluate(eval_cfg(["ckpt=x.ckpt"], blocker / "run"))
+    # a writable out passes, and the write test leaves nothing behind (a missing folder is made and removed)
+    with pytest.raises(LoadAttempted):
+        evaluate(eval_cfg(["ckpt=x.ckpt", f"out={tmp_path / 'new' / 'deeper' / 'm.json'}"], tmp_path))
+    assert not (tmp_path / "new").exists()
+
+
+# -- the command lines ------------------------------------------------------------------------
+
+def _cli(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=240)
+
+
+def _one_line(res: subprocess.CompletedProcess) -> str:
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode != 0 and len(lines) == 1, res.stderr[-3000:]
+    return lines[0]
+
+
+def test_train_cli_bad_value_is_one_line_and_leaves_no_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    line = _one_line(_cli("train.py", ["optimizer.lr=0", f"hydra.run.dir={run_dir}"], tmp_path))
+    assert line == "config error: optimizer.lr=0: expected a number > 0"
+    assert not run_dir.exists()
+
+
+def test_train_cli_binary_text_file_is_one_line_naming_it(tmp_path):
+    path, _ = _bad_files(tmp_path)["binary"]
+    run_dir = tmp_path / "run"
+    line = _one_line(_cli("train.py", ["dataset=text_files", f"dataset.train={path}", "dataset.tokenizer=char",
+                                       f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"], tmp_path))
+    assert line.startswith(f"config error: dataset: the train file {path} is not UTF-8 text")
+    assert not run_dir.exists()
+
+
+def test_evaluate_cli_bad_setting_is_one_line_and_leaves_no_run_dir(tmp_path):
+    run_dir = tmp_path / "run"
+    line = _one_line(_cli("evaluate.py", ["task=generate", "ckpt=x.ckpt", "num_samples=0", f"hydra.run.dir={run_dir}"],
+                          tmp_path))
+    assert line == "error: num_samples=0: expected an integer >= 1"
+    assert not run_dir.exists()
