@@ -29,7 +29,9 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
+import zipfile
 
 # before torch loads: idle OpenMP threads sleep instead of spin-waiting (a busy neighbour process stalls them)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -49,11 +51,16 @@ console = Console()
 # ----------------------------------------------------------------------------------------------- data
 def load_npz(path: str) -> tuple[np.ndarray, ...]:
     """x_train: (N, 32, 32, 3) uint8, y_train: (N,) int64, and the same for test."""
-    with np.load(path, allow_pickle=False) as d:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
-        if missing:
-            raise ValueError(f"--data {path}: the .npz lacks the arrays {sorted(missing)}")
-        return d["x_train"], d["y_train"].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"--data {path}: not an .npz archive (a zip of .npy arrays)")
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(d.files)
+            if missing:
+                raise ValueError(f"--data {path}: the .npz lacks the arrays {sorted(missing)}")
+            return d["x_train"], d["y_train"].astype(np.int64), d["x_test"], d["y_test"].astype(np.int64)
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:  # a damaged or foreign file
+        raise ValueError(str(e) if str(e).startswith("--data") else f"--data {path}: not a readable .npz ({e})") from None
 
 
 def read_binary_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -354,8 +361,65 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{action.help} (default: %(default)s)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad flag in one line (no usage block) and exits with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+# flag -> (test, what is expected); checked after parsing, before anything is built or loaded
+LIMITS = {
+    "--epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "--batch-size": (lambda v: v >= 1, "an integer >= 1"),
+    "--d-model": (lambda v: v >= 1, "an integer >= 1"),
+    "--n-layers": (lambda v: v >= 1, "an integer >= 1"),
+    "--channels": (lambda v: v >= 1, "an integer >= 1"),
+    "--pool": (lambda v: v >= 1, "an integer >= 1"),
+    "--kernel-smooth": (lambda v: v >= 0, "an integer >= 0"),
+    "--max-train": (lambda v: v >= 1, "an integer >= 1"),
+    "--max-test": (lambda v: v >= 1, "an integer >= 1"),
+    "--threads": (lambda v: v >= 1, "an integer >= 1"),
+    "--eval-every": (lambda v: v >= 1, "an integer >= 1"),
+    "--seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "--dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "--kernel-dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
+    "--kernel-lam": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
+    "--lr": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "--kernel-lr": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "--weight-decay": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
+    "--warmup-epochs": (lambda v: _finite(v) and v >= 0, "a number >= 0"),
+}
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse out-of-range flags, an unknown --device and an unwritable --history (``p.error``: one line, exit 2)."""
+    for flag, (ok, expected) in LIMITS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not ok(value):
+            p.error(f"argument {flag}: expected {expected}, got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"argument --device: expected cpu, cuda or cuda:<index>, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"argument --device: {args.device!r} but CUDA is not available here (use --device cpu)")
+    if args.history:
+        folder = os.path.dirname(os.path.abspath(args.history))
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            p.error(f"argument --history: cannot write into {folder} ({e.strerror or e})")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=_HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--data", default=None,
                       help="local CIFAR-10: an .npz with uint8 x_train/x_test (N, 32, 32, 3) and y_train/y_test, or a folder "
@@ -404,7 +468,9 @@ def parse_args(argv=None):
                      help="test every N epochs (and after the last; each test pass costs ~40%% of a training epoch's images)")
     run.add_argument("--tta", action="store_true", help="test on the mean logits of each image and its mirror image")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -412,8 +478,6 @@ def main(argv=None) -> dict:
     the untrained model; seconds count from before it; test_* are None on epochs skipped by --eval-every),
     "test_acc": the last epoch's, "model": the trained model}."""
     args = parse_args(argv)
-    if args.eval_every < 1:
-        raise SystemExit(f"--eval-every must be >= 1, got {args.eval_every}")
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     # default: the CPUs this process may use (its affinity mask), not torch's count of the machine's cores
     torch.set_num_threads(args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
@@ -426,7 +490,10 @@ def main(argv=None) -> dict:
                                    kernel_smooth=args.kernel_smooth, kernel_init=args.kernel_init).to(device)
     except ValueError as e:
         raise SystemExit(str(e)) from e
-    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_cifar(args.data))
+    try:
+        x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_cifar(args.data))
+    except (OSError, ValueError, RuntimeError) as e:  # missing, damaged or foreign --data; hub unreachable
+        raise SystemExit(f"standalone_cifar.py: error: {e}") from None
     x_train, y_train = x_train[: args.max_train], y_train[: args.max_train]
     x_test, y_test = x_test[: args.max_test], y_test[: args.max_test]
     if device.type == "cuda":  # the whole uint8 set fits on the GPU; batches are then gathered there

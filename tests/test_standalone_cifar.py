@@ -327,14 +327,15 @@ def test_one_epoch_on_real_images_is_quick_and_lowers_the_loss():
     assert end["cpu_seconds"] < 60
 
 
-def test_eval_every_skips_tests_but_always_tests_the_last_epoch(synthetic_npz):
+def test_eval_every_skips_tests_but_always_tests_the_last_epoch(synthetic_npz, capsys):
     result = sc.main(["--data", str(synthetic_npz), "--epochs", "3", "--eval-every", "2", "--max-train", "32",
                       "--max-test", "16", *TINY])
     tested = [r["test_acc"] is not None for r in result["history"]]
     assert tested == [True, False, True, True]
     assert result["test_acc"] == result["history"][-1]["test_acc"]
-    with pytest.raises(SystemExit, match="eval-every"):
+    with pytest.raises(SystemExit) as exit_info:
         sc.main(["--data", str(synthetic_npz), "--eval-every", "0", *TINY])
+    assert exit_info.value.code == 2 and "argument --eval-every: expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_tied_dropout_shares_one_mask_across_positions():
@@ -369,3 +370,61 @@ def test_tta_averages_an_image_and_its_mirror(synthetic_npz):
     assert loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
     args.tta = False
     assert sc.evaluate(model, x, y, args, torch.device("cpu"))[0] != pytest.approx(loss, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+BAD_FLAGS = [
+    (["--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
+    (["--epochs", "-1"], "argument --epochs: expected an integer >= 1, got -1"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1, got 0"),
+    (["--d-model", "0"], "argument --d-model: expected an integer >= 1, got 0"),
+    (["--n-layers", "0"], "argument --n-layers: expected an integer >= 1, got 0"),
+    (["--channels", "-2"], "argument --channels: expected an integer >= 1, got -2"),
+    (["--dropout", "1.5"], "argument --dropout: expected a probability in [0, 1), got 1.5"),
+    (["--kernel-dropout", "-0.1"], "argument --kernel-dropout: expected a probability in [0, 1), got -0.1"),
+    (["--lr", "nan"], "argument --lr: expected a number > 0, got nan"),
+    (["--kernel-lr", "0"], "argument --kernel-lr: expected a number > 0, got 0.0"),
+    (["--weight-decay", "-1"], "argument --weight-decay: expected a number >= 0, got -1.0"),
+    (["--warmup-epochs", "inf"], "argument --warmup-epochs: expected a number >= 0, got inf"),
+    (["--kernel-smooth", "-1"], "argument --kernel-smooth: expected an integer >= 0, got -1"),
+    (["--max-train", "0"], "argument --max-train: expected an integer >= 1, got 0"),
+    (["--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+    (["--eval-every", "0"], "argument --eval-every: expected an integer >= 1, got 0"),
+    (["--seed", "-1"], "argument --seed: expected an integer in [0, 2**32), got -1"),
+    (["--device", "nonsense"], "argument --device: expected cpu, cuda or cuda:<index>, got 'nonsense'"),
+    (["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
+    (["--history", "/proc/no/such/dir/h.json"], "argument --history: cannot write into /proc/no/such/dir"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_stop_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sc.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"{Path(sys.argv[0]).name}: error: {message}")
+
+
+def test_damaged_data_files_are_named_in_one_line(tmp_path, synthetic_npz):
+    missing = tmp_path / "missing.npz"
+    with pytest.raises(SystemExit, match=f"^standalone_cifar.py: error: --data {missing}: not a folder"):
+        sc.main(["--data", str(missing), "--quiet"])
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4000))
+    with pytest.raises(SystemExit, match=f"^standalone_cifar.py: error: --data {garbage}: not an .npz archive"):
+        sc.main(["--data", str(garbage), "--quiet"])
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(synthetic_npz.read_bytes()[:-20000])  # the central directory is lost
+    with pytest.raises(ValueError, match=f"^--data {truncated}: not"):
+        sc.load_cifar(str(truncated))
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch
+def test_cli_bad_flag_is_one_line(tmp_path):
+    import subprocess
+
+    res = subprocess.run([sys.executable, str(ROOT / "standalone_cifar.py"), "--batch-size", "0"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "standalone_cifar.py: error: argument --batch-size: expected an integer >= 1, got 0 (see --help)"
