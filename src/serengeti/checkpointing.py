@@ -44,6 +44,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer killed mid-save
+        stale.unlink(missing_ok=True)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)

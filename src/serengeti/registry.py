@@ -104,12 +104,12 @@ def check_options(cls: type, options: Mapping[str, Any], key: str, exclude: set[
 
 
 def build(cfg: Mapping[str, Any], registry: Mapping[str, type], key: str, *, exclude: set[str] = frozenset(),
-          **extra: Any) -> Any:
+          require_partial: bool = False, **extra: Any) -> Any:
     """Construct ``registry[cfg["_target_"]](**options, **extra)`` after checking every option.
 
     With ``_partial_: true`` returns a ``functools.partial`` (the mixer factories). ``exclude`` names
     keywords the caller passes itself (``d_model``, ``layer_idx`` ... for mixers), which a stored
-    config may not set.
+    config may not set; ``require_partial`` refuses a config without ``_partial_: true``.
     """
     if not isinstance(cfg, Mapping):
         raise UnsafeConfigError(f"{key}: expected a mapping with a _target_, got {type(cfg).__name__}")
@@ -120,6 +120,8 @@ def build(cfg: Mapping[str, Any], registry: Mapping[str, type], key: str, *, exc
     bad_flags = [k for k in cfg if k.startswith("_") and k not in _HYDRA_FLAGS]
     if bad_flags:
         raise UnsafeConfigError(f"{key}.{bad_flags[0]}: not allowed in a stored config")
+    if require_partial and cfg.get("_partial_") is not True:
+        raise UnsafeConfigError(f"{key}._partial_: must be true (a factory is built here, called later)")
     cls = registry[target]
     options = {k: v for k, v in cfg.items() if not k.startswith("_")}
     check_options(cls, options, key, exclude)

@@ -21,6 +21,7 @@ from serengeti.checkpoint import CheckpointError, tokenizer_record
 from serengeti.checkpointing import ModelCheckpoint, SafeCheckpointIO, resolve_ckpt_path
 from serengeti.nonfinite import NonFiniteError, NonFiniteGuard
 from serengeti.preemption import Preempted, Preemption
+from serengeti.registry import UnsafeConfigError
 from serengeti.resume import ExactResume
 from serengeti.run_record import write_run_record
 from serengeti.scale import apply_global_batch
@@ -137,22 +138,29 @@ def main(cfg: DictConfig) -> float | None:
     """
     try:
         metrics = run(cfg)
-    except Preempted as e:
-        print(f"[serengeti] {e}; resume with ckpt_path={e.path or 'auto'}", file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
     except Exception as e:
         if os.environ.get("SERENGETI_DEBUG"):
             raise
-        if isinstance(e, ConfigError):
-            _remove_fresh_output_dir(cfg)
-            raise SystemExit(f"config error: {e}") from None
-        if isinstance(e, NonFiniteError):
-            raise SystemExit(f"error: {e}") from None
+        ours = _first_of(e, (Preempted, NonFiniteError, ConfigError, CheckpointError, UnsafeConfigError))
+        if isinstance(ours, Preempted):
+            print(f"[serengeti] {ours}; resume with ckpt_path={ours.path or 'auto'}", file=sys.stderr)
+            raise SystemExit(ours.exit_code) from None
+        if isinstance(ours, NonFiniteError):
+            raise SystemExit(f"error: {ours}") from None
         _remove_fresh_output_dir(cfg)
+        if ours is not None:
+            raise SystemExit(f"config error: {_first_line(str(ours))}") from None
         raise SystemExit(f"error while training: {type(e).__name__}: {_first_line(_root_cause(e))} "
                          "(SERENGETI_DEBUG=1 shows the traceback)") from None
     value = metrics.get(cfg.get("monitor"))
     return None if value is None or math.isnan(value) else value
+
+
+def _first_of(e: BaseException | None, types: tuple[type, ...]) -> BaseException | None:
+    """The outermost exception of ``types`` in ``e``'s chain of causes."""
+    while e is not None and not isinstance(e, types):
+        e = e.__cause__ or e.__context__
+    return e
 
 
 def _first_line(text: str) -> str:

@@ -14,9 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -264,44 +262,6 @@ class LMHeadModel(nn.Module):
             tokenizer = recorded_tokenizer(config, source if source and Path(source).is_dir() else None)
         return save_pretrained(self, config, out, tokenizer=tokenizer, overwrite=overwrite)
 
-    # Hugging Face-style loading; serengeti.checkpoint reads (config checked first) and writes
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LMHeadModel:
-        """Load an exported directory (``model.safetensors`` + ``config.json``) or a ``.ckpt`` from ``train.py``.
-
-        Uses :func:`serengeti.checkpoint.load_model`: no pickled code runs and the config is checked
-        against the registered mixers before anything is built. The model is in eval mode; its
-        config (``model`` and, when recorded, ``dataset`` and ``tokenizer``) is ``pretrained_config``.
-        The tokenizer: :func:`serengeti.load_tokenizer`.
-        """
-        from serengeti.checkpoint import load_model
-
-        model, cfg, _ = load_model(path, device=device, load_tokenizer=False)
-        model.pretrained_config, model.pretrained_path = cfg, str(path)
-        return model
-
-    def save_pretrained(self, out: str | os.PathLike, *, config: dict | None = None, tokenizer: Any = None,
-                        overwrite: bool = False) -> Path:
-        """Write ``out`` = ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``); returns ``out``.
-
-        Args:
-            config: ``{"model": ..., "dataset": ..., "tokenizer": <record>}``; default: the
-                ``pretrained_config`` of :meth:`from_pretrained`.
-            tokenizer: a BPE tokenizer whose ``tokenizer.json`` goes in; default: the one the
-                loaded checkpoint recorded (char vocabularies live in ``config.json``).
-            overwrite: replace an existing ``out`` (atomically, see :func:`serengeti.checkpoint.save_pretrained`).
-        """
-        from serengeti.checkpoint import recorded_tokenizer, save_pretrained
-
-        config = config if config is not None else getattr(self, "pretrained_config", None)
-        if config is None:
-            raise ValueError("save_pretrained needs config={'model': <model config>, ...}: "
-                             "this model was not loaded with LMHeadModel.from_pretrained")
-        if tokenizer is None:
-            source = getattr(self, "pretrained_path", None)
-            tokenizer = recorded_tokenizer(config, source if source and Path(source).is_dir() else None)
-        return save_pretrained(self, config, out, tokenizer=tokenizer, overwrite=overwrite)
-
 
 #: keys of a ``model`` config that are not LMHeadModel arguments (the preset's name)
 NON_MODEL_KEYS = {"name"}
@@ -323,9 +283,7 @@ def build_model(model_cfg: dict[str, Any], **overrides: Any) -> LMHeadModel:
     mixer_cfg = cfg.pop("mixer", None)
     if not isinstance(mixer_cfg, dict) or "_target_" not in mixer_cfg:
         raise UnsafeConfigError("model.mixer must be a config with a _target_ (pick one from configs/model/mixer/)")
-    if not mixer_cfg.get("_partial_", False):
-        raise UnsafeConfigError("model.mixer._partial_: must be true (the backbone builds one mixer per block)")
-    mixer = build(mixer_cfg, MIXERS, "model.mixer", exclude=_MIXER_CALL_ARGS)
+    mixer = build(mixer_cfg, MIXERS, "model.mixer", exclude=_MIXER_CALL_ARGS, require_partial=True)
     check_options(LMHeadModel, cfg, "model", exclude={"mixer"})
     if isinstance(cfg.get("attn_cfg"), dict):
         check_options(Attention, cfg["attn_cfg"], "model.attn_cfg", exclude=_MIXER_CALL_ARGS)
