@@ -158,3 +158,22 @@ def test_train_evaluate_generate_every_mixer(mixer, tmp_path):
     assert abs(evaluate(eval_cfg([f"ckpt={out}"], tmp_path / "e2"))["val/loss"] - metrics["val/loss"]) <= 1e-4
     gen = evaluate(eval_cfg(["task=generate", f"ckpt={out}", "prompt='1 2 3'", "max_new_tokens=6"], tmp_path / "g"))
     assert len(gen["tokens"][0]) == 6
+
+
+def test_metrics_are_printed_before_they_are_written(trained, tmp_path, monkeypatch, capsys):
+    """A write that fails after a long evaluation still leaves the numbers on screen, and ends in one line."""
+    _, ckpt = trained
+
+    import tempfile
+
+    make_temp = tempfile.mkstemp
+
+    def disk_full_for_metrics(*args, prefix="", **kwargs):  # the up-front write test still succeeds
+        if prefix.startswith(".metrics.json"):
+            raise OSError(28, "No space left on device")
+        return make_temp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", disk_full_for_metrics)
+    with pytest.raises(EvalError, match=r"cannot write .*metrics.json \(No space left on device\); the results are printed"):
+        evaluate(eval_cfg([f"ckpt={ckpt}", f"out={tmp_path / 'e' / 'metrics.json'}"], tmp_path / "e"))
+    assert "val/loss" in capsys.readouterr().out

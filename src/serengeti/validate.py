@@ -175,6 +175,22 @@ def _check_betas(cfg: DictConfig) -> None:
         raise ConfigError(f"optimizer.betas={shown!r}: expected two numbers in [0, 1)")
 
 
+def _check_devices(cfg: DictConfig) -> None:
+    """``trainer.devices``: a count >= 1, -1 (all), ``auto``, a list of device indices or a string such as ``"0,1"``."""
+    devices = _get(cfg, "trainer.devices")
+    if devices is _ABSENT or devices is None or devices == "auto":
+        return
+    if OmegaConf.is_list(devices):
+        ok = len(devices) > 0 and all(_is_int(d) and d >= 0 for d in devices)
+    elif isinstance(devices, str):
+        ok = all(part.strip().isdigit() for part in devices.split(",")) or devices.strip() == "-1"
+    else:
+        ok = _is_int(devices) and (devices >= 1 or devices == -1)
+    if not ok:
+        shown = OmegaConf.to_container(devices) if OmegaConf.is_config(devices) else devices
+        raise ConfigError(f"trainer.devices={shown!r}: expected a count >= 1, -1 (all), auto, or a list of device indices")
+
+
 def _check_schedule_length(cfg: DictConfig) -> None:
     if cfg.get("scheduler") is None:
         return
@@ -191,6 +207,7 @@ def check_config(cfg: DictConfig) -> None:
     for rule in RULES:
         check_rule(cfg, rule)
     _check_betas(cfg)
+    _check_devices(cfg)
     check_choice(cfg, "optimizer.name", ("adamw",))
     check_choice(cfg, "optimizer.weight_decay_policy", WEIGHT_DECAY_POLICIES)
     check_choice(cfg, "scheduler.name", tuple(SCHEDULES))

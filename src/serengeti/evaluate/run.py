@@ -102,13 +102,16 @@ def _device(cfg: DictConfig) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Atomic: a temporary file in the same directory, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Atomic: a temporary file in the same directory, then rename. Called after the results are printed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. the disk filled up during a long evaluation
+        raise EvalError(f"cannot write {path} ({e.strerror or e}); the results are printed above") from None
 
 
 def _print_table(title: str, rows: dict[str, Any]) -> None:
