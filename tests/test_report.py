@@ -103,3 +103,17 @@ def test_real_sweep_end_to_end(tmp_path):
     row = written["table"].read_text().splitlines()[2]
     assert row.startswith(f"| Hyena | {mean:.4g} ± {std:.2g} | 2 | 4 |")
     assert written["curves"].stat().st_size > 0
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / RECORD_NAME
+    atomic_write_text(target, '{"old": 1}')
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(target, '{"new": 2}')
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [RECORD_NAME]  # no temporary file left behind
