@@ -422,11 +422,17 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str | di
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """``serengeti-lm-eval``: lm_eval's command line (same arguments) with the ``serengeti`` model registered."""
+    """``serengeti-lm-eval``: lm_eval's command line (same arguments) with the ``serengeti`` model registered.
+
+    Bad input (a missing checkpoint, an unknown task, a bad ``prefix_token_id``) exits with one line.
+    """
     if SerengetiLM is None:
         raise SystemExit(f"error: serengeti-lm-eval needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}")
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as e:  # CheckpointError, LMScorer's and lm_eval's own input errors
+        raise SystemExit(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
