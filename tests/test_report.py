@@ -58,7 +58,7 @@ def test_grouping_and_table(fake_multirun, tmp_path):
     assert mean_std(h3.values("test/accuracy")) == pytest.approx((0.625, math.sqrt(2 * 0.375**2)))
     assert hyena10.mean_of("wall_s") == pytest.approx(20.0)
     written = report([fake_multirun], ["model.mixer._target_", "dataset.vocab_size"], "test/accuracy", tmp_path / "out",
-                     x="dataset.vocab_size", curve="val/loss")
+                     x="dataset.vocab_size", curve="val/loss", ref=(0.9, "paper"))
     table = written["table"].read_text().splitlines()
     assert table[0].startswith("| model.mixer._target_ | dataset.vocab_size | test/accuracy (mean ± std) | n |")
     assert table[2].startswith("| H3 | 10 | 0.625 ± 0.53 | 2 | 100 | 1000 | 15 | 5 |")
@@ -78,6 +78,8 @@ def test_bad_input_is_one_line(fake_multirun, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("report: --metric 'val/nope'") and "\n" not in err
     assert main([str(tmp_path / "missing"), "--metric", "test/accuracy", "--out", str(tmp_path / "o")]) == 2
+    assert main([str(fake_multirun), "--metric", "test/accuracy", "--ref", "high", "--out", str(tmp_path / "o")]) == 2
+    assert "--ref expects VALUE[:LABEL]" in capsys.readouterr().err
     with pytest.raises(ReportError, match="no metrics.json"):
         find_runs([tmp_path / "multirun" / "6"])
 

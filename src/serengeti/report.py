@@ -1,7 +1,7 @@
 """Aggregate finished runs into a Markdown table and matplotlib figures.
 
     python -m serengeti.report RUN_OR_MULTIRUN_DIR... --by model.mixer._target_,dataset.vocab_size \\
-        --metric test/accuracy [--x dataset.vocab_size] [--curve val/loss] --out DIR [--name NAME]
+        --metric test/accuracy [--x dataset.vocab_size] [--curve val/loss] [--ref 1.88:nanoGPT] --out DIR [--name NAME]
 
 Every directory below the given ones that holds a ``metrics.json`` (see :mod:`serengeti.run_record`)
 is one run. Its config is read from ``config_resolved.yaml`` beside it (the values the run used,
@@ -16,6 +16,9 @@ Writes into ``--out``:
   group of the other ``--by`` keys;
 * ``NAME_curves.png`` (with ``--curve METRIC``): that metric against the step from each run's CSV
   log (``csv/version_*/metrics.csv``), mean over the group's runs, one line per group.
+
+``--ref VALUE[:LABEL]`` draws an external number (e.g. ``1.88:nanoGPT``) as a dashed line on the
+metric's plots.
 """
 from __future__ import annotations
 
@@ -167,7 +170,8 @@ def _label(by: Sequence[str], key: tuple) -> str:
     return ", ".join(show(k, v) for k, v in zip(by, key)) or "all runs"
 
 
-def plot_metric(runs: Sequence[Run], rest: Sequence[str], metric: str, x: str, out: Path) -> None:
+def plot_metric(runs: Sequence[Run], rest: Sequence[str], metric: str, x: str, out: Path,
+                ref: tuple[float, str] | None = None) -> None:
     """Metric mean ± std against config key ``x``, one line per group of the ``rest`` keys."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -182,17 +186,13 @@ def plot_metric(runs: Sequence[Run], rest: Sequence[str], metric: str, x: str, o
                     yerr=[0.0 if math.isnan(s) else s for _, s in stats], marker="o", capsize=3,
                     label=f"{_label(rest, g.key)} (n={n})")
         if not numeric:
-            ax.set_xticks(range(len(xs)), [show(x, v) for v in xs])
+            ax.set_xticks(range(len(xs)), [show(x, v) for v in xs], rotation=25, ha="right", fontsize=8)
     ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, metric, ref, out)
 
 
-def plot_curves(groups: Sequence[Group], by: Sequence[str], metric: str, out: Path) -> None:
+def plot_curves(groups: Sequence[Group], by: Sequence[str], metric: str, out: Path,
+                ref: tuple[float, str] | None = None) -> None:
     """``metric`` against the step (mean over each group's runs), one line per group."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -201,16 +201,23 @@ def plot_curves(groups: Sequence[Group], by: Sequence[str], metric: str, out: Pa
         if steps:
             ax.plot(steps, values, marker=".", label=f"{_label(by, g.key)} (n={len(g.runs)})")
     ax.set_xlabel("step")
+    _finish(fig, ax, metric, ref, out)
+
+
+def _finish(fig, ax, metric: str, ref: tuple[float, str] | None, out: Path) -> None:
+    """Axis label, optional reference line (value, label), grid, legend; save and close."""
+    if ref is not None:
+        ax.axhline(ref[0], color="gray", linestyle="--", linewidth=1, label=ref[1])
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str | Path, *, x: str | None = None,
-           curve: str | None = None, name: str | None = None) -> dict[str, Path]:
+           curve: str | None = None, name: str | None = None, ref: tuple[float, str] | None = None) -> dict[str, Path]:
     """Write the table (and figures) for the runs under ``roots``; returns ``{kind: path}``."""
     runs = find_runs(roots)
     if not any(metric in r.record["metrics"] for r in runs):
@@ -226,11 +233,22 @@ def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str
     written["table"].write_text(markdown_table(groups, by, metric))
     if x is not None:
         written["plot"] = out / f"{name}.png"
-        plot_metric(runs, [k for k in by if k != x], metric, x, written["plot"])
+        plot_metric(runs, [k for k in by if k != x], metric, x, written["plot"], ref)
     if curve is not None:
         written["curves"] = out / f"{name}_curves.png"
-        plot_curves(groups, by, curve, written["curves"])
+        plot_curves(groups, by, curve, written["curves"], ref if curve == metric else None)
     return written
+
+
+def parse_ref(text: str | None) -> tuple[float, str] | None:
+    """``"1.88:nanoGPT"`` -> ``(1.88, "nanoGPT")``; a bare number gets the label ``reference``."""
+    if text is None:
+        return None
+    value, _, label = text.partition(":")
+    try:
+        return float(value), label or "reference"
+    except ValueError:
+        raise ReportError(f"--ref expects VALUE[:LABEL] with a number, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,10 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--curve", default=None, help="CSV-logged metric to plot against the step, e.g. val/loss")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default: the metric)")
+    parser.add_argument("--ref", default=None, help="VALUE[:LABEL]: a dashed reference line for the metric, e.g. 1.88:nanoGPT")
     args = parser.parse_args(argv)
     by = [k for k in args.by.split(",") if k]
     try:
-        written = report(args.dirs, by, args.metric, args.out, x=args.x, curve=args.curve, name=args.name)
+        written = report(args.dirs, by, args.metric, args.out, x=args.x, curve=args.curve, name=args.name,
+                         ref=parse_ref(args.ref))
     except ReportError as e:
         print(f"report: {e}", file=sys.stderr)
         return 2
