@@ -157,6 +157,7 @@ def test_hostile_config_is_refused(exported, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("exported", ["bpe"], indirect=True)  # WikiText is GPT-2 BPE
 def test_evaluate_on_a_dataset_without_train_split(exported, tmp_path):
     """``evaluate.py ckpt=EXPORT dataset=wikitext2 split=test``: the local copy has no train split,
     and evaluation does not ask for one (training would: dataset.train_split=validation)."""
@@ -164,9 +165,7 @@ def test_evaluate_on_a_dataset_without_train_split(exported, tmp_path):
 
     from serengeti.evaluate.run import run as evaluate
 
-    kind, _, export_dir, _ = exported
-    if kind != "bpe":
-        pytest.skip("WikiText is GPT-2 BPE")
+    _, _, export_dir, _ = exported
     data = SHARED_DATA
     overrides = [f"ckpt={export_dir}", "dataset=wikitext2", f"dataset.path={data / 'wikitext' / 'wikitext-2-raw'}",
                  f"dataset.tokenizer={data / 'gpt2'}", "dataset.seq_len=32", "+dataset.max_eval_tokens=512",
