@@ -286,7 +286,7 @@ class HFDataset:
             shard, num_shards = 0, 1
         if self.text_field not in (ds.column_names or [self.text_field]):
             raise ValueError(f"{self.hf_name} has no column {self.text_field!r} (dataset.text_field); "
-                           f"columns: {ds.column_names}")
+                             f"columns: {ds.column_names}")
         docs = (t for batch in ds.iter(batch_size=1000) for t in batch[self.text_field])
         if carve:
             docs = _carve(docs, split, self.val_ratio, self.val_seed)
