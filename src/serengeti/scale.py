@@ -115,3 +115,34 @@ class GlobalBatchLoss(pl.Callback):
         if trainer.global_step != self._step:  # an optimizer step happened on this batch
             pl_module.log("train/global_loss", self._sum / self._n, on_step=True, on_epoch=False, sync_dist=True)
             self._sum, self._n, self._step = 0.0, 0, trainer.global_step
+
+
+def fsdp_strategy(*, sharding_strategy: str = "FULL_SHARD", state_dict_type: str = "full",
+                  activation_checkpointing: bool = False, **kwargs: Any):
+    """Lightning's ``FSDPStrategy`` for the LM: one FSDP unit per residual :class:`~serengeti.models.lm.Block`.
+
+    Parameters, gradients and their reduction stay float32 (``MixedPrecision`` with float32 everywhere);
+    with ``trainer.precision=bf16-mixed`` the matmuls still run in bf16 under autocast, exactly as in DDP.
+    FSDP's own bf16 ``param_dtype`` would instead hand bf16 copies of S5's Lambda/B/C and the Hyena
+    filter MLPs to the SSM and FFT kernels, which compute in float32 from whatever they are given.
+    ``state_dict_type="full"`` gathers one ordinary ``.ckpt`` on rank 0 (what evaluate.py and resume
+    read); ``"sharded"`` writes a directory per checkpoint, to be consolidated before evaluate.py
+    (README.md, "Scaling out"). ``activation_checkpointing`` recomputes each block in the backward.
+    """
+    from pytorch_lightning.strategies import FSDPStrategy
+    from torch.distributed.fsdp import MixedPrecision
+
+    from serengeti.models.lm import Block
+
+    class _ClippingFSDPStrategy(FSDPStrategy):
+        # Lightning's FSDP refuses trainer.gradient_clip_val (norm): clip through the root FSDP module,
+        # which computes the norm over all shards
+        def setup(self, trainer: pl.Trainer) -> None:
+            super().setup(trainer)
+            self.precision_plugin.clip_grad_by_norm = lambda optimizer, clip_val: self.model.clip_grad_norm_(clip_val)
+
+    return _ClippingFSDPStrategy(
+        auto_wrap_policy={Block},
+        activation_checkpointing_policy={Block} if activation_checkpointing else None,
+        mixed_precision=MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32, buffer_dtype=torch.float32),
+        sharding_strategy=sharding_strategy, state_dict_type=state_dict_type, **kwargs)

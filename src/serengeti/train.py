@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from serengeti.accelerator import cuda_problem
 from serengeti import config_resolvers  # noqa: F401  (registers ${serengeti.*} resolvers)
 from serengeti.checkpoint import CheckpointError, tokenizer_record
+from serengeti.compiling import compile_backbone
 from serengeti.checkpointing import ModelCheckpoint, SafeCheckpointIO, resolve_ckpt_path
 from serengeti.nonfinite import NonFiniteError, NonFiniteGuard
 from serengeti.preemption import Preempted, Preemption
@@ -63,6 +64,8 @@ def prepare(cfg: DictConfig) -> tuple[pl.LightningDataModule, LMTask]:
         task = LMTask(task_cfg)
     except Exception as e:
         raise ConfigError(f"model: {_root_cause(e)}") from e
+    if cfg.model.get("compile"):
+        compile_backbone(task.model)  # model.compile=true: torch.compile each residual block in place
     return datamodule, task
 
 

@@ -263,8 +263,8 @@ class LMHeadModel(nn.Module):
         return save_pretrained(self, config, out, tokenizer=tokenizer, overwrite=overwrite)
 
 
-#: keys of a ``model`` config that are not LMHeadModel arguments (the preset's name)
-NON_MODEL_KEYS = {"name"}
+#: keys of a ``model`` config that are not LMHeadModel arguments (the preset's name; ``compile``, applied by train.py)
+NON_MODEL_KEYS = {"name", "compile"}
 #: what the backbone passes to every mixer factory itself; a config may not set these
 _MIXER_CALL_ARGS = {"d_model", "layer_idx", "l_max", "device", "dtype"}
 

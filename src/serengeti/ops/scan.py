@@ -35,6 +35,7 @@ import torch.nn.functional as F
 CHUNK_SIZE = 64  # chunk length T of the chunked scan; T = 32 ... 128 are within noise (benchmarks/scan.py)
 
 
+@torch.compiler.disable  # a Python loop over time / custom autograd on complex states: eager under torch.compile (serengeti/compiling.py)
 def linear_scan(
     a: torch.Tensor,
     b: torch.Tensor,
