@@ -106,6 +106,35 @@ def test_sigterm_saves_at_the_signal_step_exits_nonzero_and_resumes_exactly(tmp_
     assert _weights_hash(last) == reference
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1])
+def test_ctrl_c_and_sigusr1_save_and_exit_with_the_signal(tmp_path, sig):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    proc = _start(tmp_path, "callbacks.model_checkpoint.every_n_train_steps=5")
+    _wait_for_step(proc, last, 5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    step = _ckpt(last)["global_step"]
+    assert err.strip().splitlines()[-1].startswith(f"[serengeti] stopped by {sig.name} at step {step}: saved ")
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_then_resume_is_bit_exact(tmp_path_factory):
+    """2 processes (gloo): every rank stops at the signal's step; per-rank RNG states come back."""
+    ref_dir, run_dir = tmp_path_factory.mktemp("ddp_ref"), tmp_path_factory.mktemp("ddp_run")
+    extra = ["trainer=ddp_sim", "callbacks.model_checkpoint.every_n_train_steps=7"]
+    assert _train(ref_dir, *extra).returncode == 0
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = _start(run_dir, *extra)
+    _wait_for_step(proc, last, 14)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM
+    r = _train(run_dir, *extra, "ckpt_path=auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _weights_hash(last) == _weights_hash(ref_dir / "checkpoints" / "last.ckpt")
+
+
 def test_nonfinite_loss_stops_at_once_and_never_saves_nan(tmp_path):
     r = _train(tmp_path, "optimizer.lr=1e6", "callbacks.model_checkpoint.every_n_train_steps=1")
     assert r.returncode == 1
@@ -152,3 +181,22 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
     assert len(list(tmp_path.glob(".last.ckpt.tmp-*"))) == 1  # the dead writer's partial file
     atomic_save({"step": 3}, path)
     assert _ckpt(path)["step"] == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_rng_states_round_trip_from_any_rank_row():
+    """What a rank restores is its row of the gathered (world, n) table (a view: must be copied)."""
+    import random
+
+    import numpy as np
+
+    from serengeti.resume import capture_rng, restore_rng
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    other = capture_rng()
+    torch.rand(5), np.random.rand(5), random.random()
+    mine = capture_rng()
+    expected = (torch.rand(4), np.random.rand(4), random.random(), np.random.randn())
+    table = {k: torch.stack([other[k], mine[k]]) for k in mine}
+    restore_rng({k: t[1] for k, t in table.items()})
+    got = (torch.rand(4), np.random.rand(4), random.random(), np.random.randn())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]

@@ -80,7 +80,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` that writes ``last.ckpt`` every ``every_n_train_steps`` even
-    before the monitored metric exists (the best-by-``monitor`` file still waits for it)."""
+    before the monitored metric exists (the best-by-``monitor`` file still waits for it), and at
+    the end of training, so that ``last.ckpt`` always holds the final weights."""
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -92,6 +93,12 @@ class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
         if self.monitor is None or self.monitor in candidates:
             return  # Lightning saved (or chose not to) with the metric in hand
         self.save_last_now(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``last.ckpt`` holds the final step, also when it is not a multiple of ``every_n_train_steps``."""
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self.save_last_now(trainer)
 
     def save_last_now(self, trainer: pl.Trainer) -> str:
         """Write ``last.ckpt`` at the current step; returns its path.

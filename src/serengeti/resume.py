@@ -55,9 +55,10 @@ def restore_rng(states: dict[str, torch.Tensor]) -> None:
     numpy = states["numpy"].tolist()
     cached = struct.unpack("<d", struct.pack("<q", numpy[626]))[0]
     np.random.set_state(("MT19937", np.asarray(numpy[:624], dtype=np.uint32), numpy[624], numpy[625], cached))
-    torch.set_rng_state(states["torch"].to(torch.uint8))
+    # a row of the gathered table is a view into shared storage: set_rng_state needs its own copy
+    torch.set_rng_state(states["torch"].to(torch.uint8).clone())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"].to(torch.uint8))
+        torch.cuda.set_rng_state(states["cuda"].to(torch.uint8).clone())
 
 
 def _train_samplers(trainer: pl.Trainer) -> list:
