@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -167,7 +168,8 @@ def _read_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours parts of its weights-only message
+    return (text.strip().splitlines() or [""])[0][:300]
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:

@@ -91,11 +91,12 @@ def load_reference_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConversionError(f"input checkpoint not found: {path}")
+    from serengeti.checkpoint import CheckpointError, load_weights_only
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConversionError(f"{path}: cannot read it as a weights-only torch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from e
+        obj = load_weights_only(path)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = {k[len("model."):] if k.startswith("model.") else k: v for k, v in obj["state_dict"].items()}
     elif isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):

@@ -47,8 +47,8 @@ class NonFiniteGuard(pl.Callback):
         what = f"step {trainer.global_step + 1}: gradient norm {norm.item()}" + (
             f", last logged train/loss {float(loss):.4g}" if loss is not None else "")
         if self.policy == "stop":
-            raise NonFiniteError(f"non-finite loss or gradient at {what}; stopped (trainer.nan_policy=stop), "
-                                 "the update was not applied and no checkpoint was written")
+            raise NonFiniteError(f"non-finite loss or gradient at {what}; stopped (trainer.nan_policy=stop) "
+                                 "without applying the update: the checkpoints on disk are from earlier, finite steps")
         self.skipped += 1
         log.warning("non-finite loss or gradient at %s: step skipped (%d so far)", what, self.skipped)
         pl_module.log("train/nonfinite_skipped", float(self.skipped))
