@@ -68,6 +68,37 @@ def test_lecun_init_matches_the_flax_defaults():
     torch.testing.assert_close(s5.layers[0].mixer.ssm[0].B, mixer.ssm[0].B)  # the S5's own parameters are untouched
 
 
+def _ks_statistic(sample: torch.Tensor, std: float) -> float:
+    """Kolmogorov-Smirnov distance sup |F_n - Phi_std| between a flat sample and N(0, std^2), in float64."""
+    x, _ = torch.sort(sample.detach().double().flatten() / std)
+    n = x.numel()
+    cdf = torch.special.ndtr(x)
+    above = torch.arange(1, n + 1, dtype=torch.float64) / n - cdf
+    below = cdf - torch.arange(0, n, dtype=torch.float64) / n
+    return max(above.max().item(), below.max().item())
+
+
+def _ks_critical(n: int, alpha: float = 1e-3) -> float:
+    """Asymptotic KS critical value at level ``alpha``: sqrt(-ln(alpha / 2) / 2) / sqrt(n)."""
+    return math.sqrt(-math.log(alpha / 2) / 2) / math.sqrt(n)
+
+
+@pytest.mark.parametrize("init_scheme, std", [("lecun", 64 ** -0.5), ("gpt2", 0.02)])
+def test_tied_embedding_follows_the_embedding_init(init_scheme, std):
+    """The tied LM head is not re-initialised as a Linear: the word embedding is N(0, std^2) by a KS test
+    (lecun: std 1/sqrt(d); gpt2: initializer_range), and the KS check does reject lecun's truncated Linear law."""
+    from serengeti.ops.init import lecun_normal_
+
+    torch.manual_seed(0)
+    d = 64
+    model = tiny_lm(d_model=d, vocab_size=4000, init_scheme=init_scheme)
+    weight = model.word_embeddings.weight
+    assert model.lm_head.weight is weight
+    assert _ks_statistic(weight, std) < _ks_critical(weight.numel())
+    truncated = lecun_normal_(torch.empty(4000, d), fan_in=d)  # what the re-initialised head used to leave
+    assert _ks_statistic(truncated, d ** -0.5) > 3 * _ks_critical(truncated.numel())
+
+
 def test_unknown_init_scheme_is_rejected():
     with pytest.raises(ValueError, match="model.init_scheme"):
         tiny_lm(init_scheme="xavier")

@@ -162,6 +162,7 @@ class LMHeadModel(nn.Module):
         self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_epsilon, bias=bias, device=device, dtype=dtype)
         self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self.lm_head.weight = self.word_embeddings.weight  # tied
+        self.lm_head._no_reinit = True  # its weight is the embedding's: initialised as an Embedding, not a Linear
         self.apply(functools.partial(INIT_SCHEMES[init_scheme], n_layer=n_layer, initializer_range=initializer_range))
 
     @property
