@@ -67,6 +67,8 @@ def test_rejects_bidirectional_and_unknown_keys():
         HyenaS5(8, ssm_size=8, bidirectional=True)
     with pytest.raises(TypeError, match="filter_order"):
         HyenaS5(8, ssm_size=8, filter_order=64)
+    with pytest.raises(ValueError, match="model.mixer.scan_method"):
+        HyenaS5(8, ssm_size=8, scan_method="sequential")
 
 
 @pytest.mark.parametrize("experiment, vocab, expected", [

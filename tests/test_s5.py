@@ -210,5 +210,7 @@ def test_bad_hyperparameters_name_the_key():
         S5(4, ssm_size=6, blocks=2, conj_sym=True)
     with pytest.raises(ValueError, match="model.mixer.C_init"):
         S5(4, ssm_size=4, C_init="ones")
+    with pytest.raises(ValueError, match="model.mixer.scan_method"):  # at construction, not at the first forward
+        S5(4, ssm_size=4, scan_method="parallel")
     with pytest.raises(StateError, match="allocate_state"):
         S5(4, ssm_size=4).step(torch.randn(1, 4), None)

@@ -22,7 +22,7 @@ from torch import nn
 
 from serengeti.mixers.base import Mixer, StateError
 from serengeti.ops.init import lecun_normal_
-from serengeti.ops.scan import linear_scan
+from serengeti.ops.scan import SCAN_METHODS, linear_scan
 from serengeti.ops.ssm_kernel import bilinear
 from serengeti.optim_tags import set_optim
 
@@ -140,6 +140,7 @@ class S5(Mixer):
             ("C_init", C_init, C_INITS),
             ("discretization", discretization, DISCRETIZATIONS),
             ("activation", activation, ACTIVATIONS),
+            ("scan_method", scan_method, SCAN_METHODS),
         ):
             if value not in allowed:
                 raise ValueError(f"model.mixer.{key}={value!r} is not one of {allowed}")

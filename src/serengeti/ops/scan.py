@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+SCAN_METHODS = ("auto", "chunked", "log")  # the ``method`` names of :func:`linear_scan`
 CHUNK_SIZE = 64  # chunk length T of the chunked scan; T = 32 ... 128 are within noise (benchmarks/scan.py)
 
 
@@ -82,7 +83,7 @@ def linear_scan(
         return _ChunkedScan.apply(a, b, reverse, chunk_size)
     if method == "log":
         return _log_scan(a, b, reverse)
-    raise ValueError(f"linear_scan: unknown method {method!r} (expected 'auto', 'chunked' or 'log')")
+    raise ValueError(f"linear_scan: unknown method {method!r} (expected one of {SCAN_METHODS})")
 
 
 def linear_scan_ref(
