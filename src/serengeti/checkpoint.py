@@ -5,7 +5,7 @@ Two formats are read:
 * a Lightning ``.ckpt`` written by ``train.py``: ``torch.load(weights_only=True)``; the plain run
   config is ``ckpt["hyper_parameters"]["cfg"]`` (stored by :class:`~serengeti.tasks.lm.LMTask`) and
   the weights are ``ckpt["state_dict"]`` under the ``model.`` prefix;
-* an exported directory: ``model.safetensors`` + ``config.json`` (or ``config.yaml``) holding the
+* an exported directory: ``model.safetensors`` + ``config.json`` holding the
   resolved ``model`` config, the ``dataset`` config and a ``tokenizer`` record, plus
   ``tokenizer.json`` for BPE tokenizers, so the directory is self-contained.
 
@@ -146,16 +146,11 @@ def _read_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{root}: no {WEIGHTS_NAME} in the directory")
-    cfg_path = next((root / n for n in (CONFIG_NAME, "config.yaml") if (root / n).is_file()), None)
-    if cfg_path is None:
-        raise CheckpointError(f"{root}: no {CONFIG_NAME} (or config.yaml) beside {WEIGHTS_NAME}")
+    cfg_path = root / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{root}: no {CONFIG_NAME} beside {WEIGHTS_NAME}")
     try:
-        if cfg_path.suffix == ".json":
-            cfg = json.loads(cfg_path.read_text())
-        else:
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+        cfg = json.loads(cfg_path.read_text())
     except Exception as e:
         raise CheckpointError(f"{cfg_path}: cannot parse the config ({_first_line(e)})") from e
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):

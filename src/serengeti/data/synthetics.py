@@ -39,10 +39,6 @@ class Vocab:
         return [self.tokens[int(i)] for i in ids]
 
 
-def _shift(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-
-
 def associative_recall(num_examples: int, vocab_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
     """Token sequences (N, seq_len + 3): ``seq_len // 2`` (key, value) pairs, then "=>", a seen key, its value.
 
