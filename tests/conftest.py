@@ -15,14 +15,56 @@ CONFIG_DIR = str(ROOT / "configs")
 SHARED_DATA = Path(os.environ.get("SERENGETI_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def compose_cfg(overrides: list[str] | None = None, output_dir: str | Path | None = None):
-    """Compose ``train.yaml`` with overrides; ``paths.output_dir`` points at ``output_dir``."""
+def compose_cfg(overrides: list[str] | None = None, output_dir: str | Path | None = None, config_dir: str | Path = CONFIG_DIR):
+    """Compose ``train.yaml`` (of ``config_dir``) with overrides; ``paths.output_dir`` points at ``output_dir``."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides or []), return_hydra_config=False)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir) if output_dir is not None else "/tmp/serengeti-test-unused"
     return cfg
+
+
+#: every mixer, one per file of configs/model/mixer/ (the single list the mixer tests share)
+MIXERS = sorted(p.stem for p in (ROOT / "configs" / "model" / "mixer").glob("*.yaml"))
+
+
+def mixer_overrides(name: str) -> list[str]:
+    """``train.yaml`` overrides that select mixer ``name``: its own model preset (``configs/model/<x>.yaml``
+    whose defaults pick the mixer, hybrids aside), else the default backbone with ``model/mixer=<name>``."""
+    import yaml
+
+    for path in sorted((ROOT / "configs" / "model").glob("*.yaml")):
+        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
+        if not path.stem.startswith("hybrid") and {"mixer": name} in defaults:
+            return [f"model={path.stem}"]
+    return [f"model/mixer={name}"]
+
+
+def experiment_model_config(overrides: list[str], vocab_size: int | None = None, l_max: int | None = None,
+                            config_dir: str | Path = CONFIG_DIR) -> dict:
+    """The plain model config that training would build for ``overrides``, without loading data.
+
+    ``vocab_size`` and ``l_max`` stand in for the dataset's (defaults: ``dataset.vocab_size`` when the
+    config states one, else GPT-2's 50257; ``dataset.seq_len``), filled by the training path itself
+    (:func:`serengeti.run_config.model_config`).
+    """
+    from serengeti.run_config import model_config
+
+    cfg = compose_cfg(overrides, config_dir=config_dir)
+    vocab_size = vocab_size or cfg.dataset.get("vocab_size") or 50257
+    return model_config(cfg, vocab_size=vocab_size, l_max=l_max or cfg.dataset.get("seq_len"))
+
+
+def build_meta(overrides: list[str], vocab_size: int | None = None, l_max: int | None = None,
+               config_dir: str | Path = CONFIG_DIR):
+    """``(model, model config)`` of :func:`experiment_model_config`, built by ``build_model`` on the meta
+    device (no memory, no init): every option is checked against the registered classes."""
+    from serengeti.models.lm import build_model
+
+    model_cfg = experiment_model_config(overrides, vocab_size, l_max, config_dir)
+    with torch.device("meta"):
+        return build_model(model_cfg), model_cfg
 
 
 def tiny_overrides(tmp_path: Path) -> list[str]:

@@ -24,6 +24,7 @@ from serengeti.nonfinite import NonFiniteError, NonFiniteGuard
 from serengeti.preemption import Preempted, Preemption
 from serengeti.registry import UnsafeConfigError
 from serengeti.resume import ExactResume
+from serengeti.run_config import fill_from_dataset
 from serengeti.run_record import write_run_record
 from serengeti.scale import apply_global_batch
 from serengeti.tasks.lm import LMTask
@@ -35,7 +36,8 @@ log = logging.getLogger("serengeti")
 def prepare(cfg: DictConfig) -> tuple[pl.LightningDataModule, LMTask]:
     """Build the datamodule and the LightningModule, filling dataset-derived model keys.
 
-    ``model.vocab_size`` and ``model.l_max`` default (null) to the datamodule's values. Raises
+    ``model.vocab_size``, ``model.l_max`` and ``scheduler.total_steps`` default (null) to the
+    datamodule's values and the run length (:func:`serengeti.run_config.fill_from_dataset`). Raises
     :class:`ConfigError` for invalid settings before anything is trained or written.
     """
     check_config(cfg)  # types and ranges of every key, before anything is built
@@ -47,15 +49,11 @@ def prepare(cfg: DictConfig) -> tuple[pl.LightningDataModule, LMTask]:
     except Exception as e:  # hydra wraps constructor errors; surface the message with the group name
         cause = _root_cause(e)  # messages from the data modules already start with their key
         raise ConfigError(cause if cause.startswith("dataset") else f"dataset: {cause}") from e
-    with open_dict(cfg):
-        if cfg.model.get("vocab_size") is None:
-            cfg.model.vocab_size = datamodule.vocab_size
-        elif cfg.model.vocab_size < datamodule.vocab_size:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the dataset's vocabulary ({datamodule.vocab_size})")
-        if cfg.model.get("l_max") is None:
-            cfg.model.l_max = datamodule.l_max
-        if cfg.get("scheduler") is not None and cfg.scheduler.get("total_steps") is None and cfg.trainer.get("max_steps", -1) > 0:
-            cfg.scheduler.total_steps = cfg.trainer.max_steps  # the schedule spans the configured run, not a debug cut
+    filled = fill_from_dataset(cfg, vocab_size=datamodule.vocab_size, l_max=datamodule.l_max)
+    with open_dict(cfg):  # the run record and the checkpoint show the filled values
+        for group in ("model", "scheduler"):
+            if group in filled:
+                cfg[group] = filled[group]
     plain = OmegaConf.to_container(cfg, resolve=True)
     task_cfg = {k: plain[k] for k in ("model", "optimizer", "scheduler", "dataset") if k in plain}
     # the checkpoint records the tokenizer, so evaluate.py can decode without the training data
