@@ -77,16 +77,7 @@ def test_rejects_bidirectional_and_unknown_keys():
 ])
 def test_published_parameter_counts(experiment, vocab, expected):
     """The experiment configs build the S5 authors' models exactly (counted on the meta device)."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
+    from conftest import build_meta
 
-    from conftest import compose_cfg
-    from serengeti.models.lm import LMHeadModel
-
-    cfg = compose_cfg([f"experiment={experiment}"])
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.update(vocab_size=vocab, l_max=cfg.dataset.seq_len)
-    mixer = instantiate(model_cfg.pop("mixer"))
-    with torch.device("meta"):
-        model = LMHeadModel(mixer=mixer, **model_cfg)
+    model, _ = build_meta([f"experiment={experiment}"], vocab_size=vocab)
     assert sum(p.numel() for p in model.parameters()) == expected

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import compose_cfg
-from test_model_sizes import _build_meta
+from conftest import build_meta, compose_cfg
 from serengeti.scale import global_batch_plan
 
 # Hyena-S5 WT103 at vocab 50257 (REFERENCE.md §11); the OWT/Pile runs pad the vocab to 50264 (+7 rows of 768)
@@ -17,7 +16,7 @@ MODELS_125M = ["transformer", "h3", "hybrid_h3", "hyena", "hyena_s5"]
 
 
 def _params(overrides: list[str]) -> int:
-    model, _ = _build_meta(overrides)
+    model, _ = build_meta(overrides, vocab_size=50257)  # GPT-2 BPE
     return sum(p.numel() for p in model.parameters())
 
 

@@ -7,14 +7,8 @@ missing or extra parameter in a mixer shows up), and within 3 % of the published
 from __future__ import annotations
 
 import pytest
-import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from conftest import compose_cfg
-from serengeti.models.lm import LMHeadModel
-
-GPT2_VOCAB = 50257
+from conftest import build_meta
 
 # name -> (experiment overrides, published size, where it is stated)
 CASES = {
@@ -31,21 +25,6 @@ CASES = {
         153.7e6, "Hyena-small 153.7M (REFERENCE.md §11)",
     ),
 }
-
-
-def _build_meta(overrides: list[str]) -> tuple[LMHeadModel, dict]:
-    cfg = compose_cfg(overrides)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=False)
-    model_cfg["vocab_size"] = GPT2_VOCAB
-    model_cfg["l_max"] = cfg.dataset.seq_len
-    if model_cfg.get("max_position_embeddings") == "${model.l_max}":
-        model_cfg["max_position_embeddings"] = cfg.dataset.seq_len
-    model_cfg = OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=True)
-    mixer = instantiate(model_cfg.pop("mixer"))
-    with torch.device("meta"):
-        model = LMHeadModel(mixer=mixer, **model_cfg)
-    model_cfg["mixer"] = mixer.keywords | {"_target_": mixer.func.__name__}
-    return model, model_cfg
 
 
 def _mixer_count(name: str, D: int, kw: dict, l_max: int) -> int:
@@ -75,7 +54,7 @@ def _closed_form(cfg: dict) -> int:
         if i in cfg["attn_layer_idx"]:
             mixer = _mixer_count("Attention", D, {}, cfg["l_max"])
         else:
-            mixer = _mixer_count(cfg["mixer"]["_target_"], D, cfg["mixer"], cfg["l_max"])
+            mixer = _mixer_count(cfg["mixer"]["_target_"].rpartition(".")[2], D, cfg["mixer"], cfg["l_max"])
         total += mixer + mlp + 4 * D  # two LayerNorms
     return total
 
@@ -83,7 +62,7 @@ def _closed_form(cfg: dict) -> int:
 @pytest.mark.parametrize("name", list(CASES))
 def test_125m_parameter_count(name):
     overrides, published, source = CASES[name]
-    model, cfg = _build_meta(overrides)
+    model, cfg = build_meta(overrides, vocab_size=50257)  # GPT-2 BPE
     assert all(p.is_meta for p in model.parameters())
     n = sum(p.numel() for p in model.parameters())  # the tied head is counted once
     rel = n / published - 1
