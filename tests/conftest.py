@@ -41,6 +41,18 @@ def mixer_overrides(name: str) -> list[str]:
     return [f"model/mixer={name}"]
 
 
+def build_mixer(name: str, d_model: int, l_max: int, seed: int = 0) -> torch.nn.Module:
+    """Mixer ``name`` as its model preset configures it (:func:`mixer_overrides`), every dropout off."""
+    from hydra.utils import instantiate
+
+    mixer_cfg = compose_cfg(mixer_overrides(name)).model.mixer
+    for key in mixer_cfg:
+        if "dropout" in key:
+            mixer_cfg[key] = 0.0
+    torch.manual_seed(seed)
+    return instantiate(mixer_cfg)(d_model, layer_idx=0, l_max=l_max)
+
+
 def experiment_model_config(overrides: list[str], vocab_size: int | None = None, l_max: int | None = None,
                             config_dir: str | Path = CONFIG_DIR) -> dict:
     """The plain model config that training would build for ``overrides``, without loading data.

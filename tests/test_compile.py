@@ -3,34 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from conftest import compose_cfg, tiny_overrides
+from conftest import MIXERS, build_mixer, compose_cfg, tiny_overrides
 from serengeti.train import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: every mixer, as the model configs select it: name -> overrides of train.yaml
-MIXERS = {
-    "attention": ["model=transformer"],
-    "h3": ["model=h3"],
-    "hyena": ["model=hyena"],
-    "hyena_s5": ["model=hyena_s5"],
-    "longconv": ["model=longconv"],
-    "s5": ["model=hyena", "model/mixer=s5"],
-}
 D_MODEL, L = 32, 64
-
-
-def build_mixer(name: str, d_model: int = D_MODEL, l_max: int = L, seed: int = 0) -> torch.nn.Module:
-    """The mixer of ``MIXERS[name]`` from the real configs, every dropout off (deterministic outputs)."""
-    cfg = compose_cfg(MIXERS[name])
-    mixer_cfg = cfg.model.mixer
-    for key in mixer_cfg:
-        if "dropout" in key:
-            mixer_cfg[key] = 0.0
-    torch.manual_seed(seed)
-    return instantiate(mixer_cfg)(d_model, layer_idx=0, l_max=l_max)
 
 
 def test_model_compile_compiles_every_block_and_keeps_parameter_names(tmp_path):
@@ -52,7 +31,7 @@ def test_eager_regions_are_marked():
 @pytest.mark.slow  # inductor compiles C++ on CPU: 20-90 s per mixer on a 2-core machine
 @pytest.mark.parametrize("name", list(MIXERS))
 def test_compiled_mixer_matches_eager(name):
-    mixer = build_mixer(name)
+    mixer = build_mixer(name, D_MODEL, L)
     x = torch.randn(2, L, D_MODEL, requires_grad=True)
 
     def fwd_bwd(fn):

@@ -5,16 +5,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
+from conftest import MIXERS, compose_cfg, mixer_overrides
 from serengeti.generation import generate, sample
 from serengeti.tasks.lm import build_model
-
-MIXERS = ["transformer", "h3", "hyena", "longconv", "hyena_s5"]
 V, L_MAX = 13, 40
 
 
-def _model(name: str, **extra) -> torch.nn.Module:
-    overrides = [f"model={name}", "model.d_model=16", "model.n_layer=2", f"model.vocab_size={V}", f"model.l_max={L_MAX}",
+def _model(select: list[str], **extra) -> torch.nn.Module:
+    """A float64 LM selected by ``select`` (e.g. ``["model=hybrid_h3"]``), small, parameters perturbed."""
+    overrides = [*select, "model.d_model=16", "model.n_layer=2", f"model.vocab_size={V}", f"model.l_max={L_MAX}",
                  "model.pad_vocab_size_multiple=8"] + [f"model.{k}={v}" for k, v in extra.items()]
     cfg = compose_cfg(overrides)
     torch.manual_seed(0)
@@ -28,7 +27,7 @@ def _model(name: str, **extra) -> torch.nn.Module:
 
 @pytest.mark.parametrize("name", MIXERS)
 def test_greedy_generation_equals_argmax_of_full_forward(name):
-    model = _model(name)
+    model = _model(mixer_overrides(name))
     prompt = torch.randint(0, V, (2, 7))
     n = 12
     gen = generate(model, prompt, n, temperature=0.0, max_len=L_MAX)
@@ -48,7 +47,7 @@ def test_greedy_generation_equals_argmax_of_full_forward(name):
 
 
 def test_hybrid_generation():
-    model = _model("hybrid_h3", n_layer=3, attn_layer_idx="[1]", **{"attn_cfg.num_heads": 2})
+    model = _model(["model=hybrid_h3"], n_layer=3, attn_layer_idx="[1]", **{"attn_cfg.num_heads": 2})
     prompt = torch.randint(0, V, (1, 5))
     gen = generate(model, prompt, 6, temperature=0.0)
     seq = torch.cat([prompt, gen.tokens], dim=1)
@@ -72,7 +71,7 @@ def test_sampling_is_seeded_and_respects_top_k_top_p():
 
 
 def test_generation_errors():
-    model = _model("transformer")
+    model = _model(["model=transformer"])
     with pytest.raises(ValueError, match="more than the model's maximum sequence length 40"):
         generate(model, torch.zeros(1, 35, dtype=torch.long), 10, max_len=L_MAX)
     with pytest.raises(ValueError, match="prompt is empty"):

@@ -1,5 +1,6 @@
-"""Shared mixer tests (H3, Hyena order 2 and 3, LongConv, Attention): exact causality, shapes,
-gradients, recurrent step == parallel forward, optimizer groups, LongConv regularisers."""
+"""Shared mixer tests (every mixer of configs/model/mixer/: H3, Hyena order 2 and 3, LongConv, Attention,
+S5, Hyena-S5): exact causality, shapes, gradients, recurrent step == parallel forward, optimizer groups,
+LongConv regularisers."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serengeti.mixers import H3, Attention, Hyena, LongConv
+from conftest import MIXERS, compose_cfg
+from serengeti.mixers import H3, S5, Attention, Hyena, HyenaS5, LongConv
 from serengeti.ops.fftconv import direct_conv_ref
 from serengeti.optim import param_groups
 
@@ -21,7 +23,15 @@ FACTORIES = {
     "hyena3": lambda **kw: Hyena(D_MODEL, l_max=L_MAX, order=3, filter_order=16, emb_dim=5, **kw),
     "longconv": lambda **kw: LongConv(D_MODEL, l_max=L_MAX, channels=2, **kw),
     "attention": lambda **kw: Attention(D_MODEL, l_max=L_MAX, num_heads=2, **kw),
+    "s5": lambda **kw: S5(D_MODEL, l_max=L_MAX, ssm_size=16, blocks=2, activation="half_glu1", **kw),
+    "hyena_s5": lambda **kw: HyenaS5(D_MODEL, l_max=L_MAX, ssm_size=8, blocks=2, **kw),
 }
+
+
+def test_every_mixer_config_is_covered():
+    """A new file in configs/model/mixer/ needs a factory here (the shared tests run on all of them)."""
+    targets = {compose_cfg([f"model/mixer={name}"]).model.mixer._target_.rpartition(".")[2] for name in MIXERS}
+    assert targets == {type(make()).__name__ for make in FACTORIES.values()}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,7 +127,8 @@ def test_bf16_autocast_forward_backward(name):
     y32 = m(x).detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = m(x)
-    assert y.dtype == torch.bfloat16
+    # S5 ends in g * sigmoid(out2(g)) with g from its float32 SSM (autocast is off there): float32 out
+    assert y.dtype == (torch.float32 if name == "s5" else torch.bfloat16)
     assert (y.float() - y32).abs().max() <= 0.05 * y32.abs().max()
     y.float().sum().backward()
     for n, p in m.named_parameters():
@@ -125,7 +136,7 @@ def test_bf16_autocast_forward_backward(name):
 
 
 # --- recurrent mode ---------------------------------------------------------------------------
-RECURRENT = ["h3", "h3_heads", "hyena2", "hyena3", "longconv"]
+RECURRENT = ["h3", "h3_heads", "hyena2", "hyena3", "longconv", "attention", "s5", "hyena_s5"]
 
 
 @pytest.mark.parametrize("name", RECURRENT)

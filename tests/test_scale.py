@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose_cfg, tiny_overrides
+from conftest import MIXERS, ROOT, build_mixer, compose_cfg, tiny_overrides
 from serengeti.scale import devices_per_node, global_batch_plan, world_size
 from serengeti.train import ConfigError, prepare, run
 
@@ -201,10 +201,8 @@ def test_fsdp_trainer_wraps_each_block_and_keeps_float32_parameters():
 BF16_RTOL = 2e-2  # relative L2 error vs float32; bf16 rounds to 3.9e-3, the measured errors are 2e-3..8e-3
 
 
-@pytest.mark.parametrize("name", ["attention", "h3", "hyena", "hyena_s5", "longconv", "s5"])
+@pytest.mark.parametrize("name", MIXERS)
 def test_mixers_under_bf16_autocast_stay_close_to_float32(name):
-    from test_compile import build_mixer
-
     mixer = build_mixer(name, d_model=64, l_max=1024)
     x = torch.randn(2, 1024, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
