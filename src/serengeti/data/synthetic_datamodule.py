@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from serengeti.data import synthetics
 from serengeti.data.samplers import EpochShuffleSampler, seeded_loader
+from serengeti.data.targets import IGNORE_INDEX
 
 TASKS = ("associative_recall", "induction_head", "mqar")
 
@@ -79,7 +80,7 @@ class SyntheticDataModule(pl.LightningDataModule):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         if self.train_targets == "recall":
             targets = synthetics.recall_targets(tokens, self.seq_len)
-        test_targets = torch.full_like(targets[self.num_examples:], synthetics.IGNORE_INDEX)
+        test_targets = torch.full_like(targets[self.num_examples:], IGNORE_INDEX)
         test_targets[:, -1] = targets[self.num_examples:, -1]
         return (inputs[: self.num_examples], targets[: self.num_examples]), (inputs[self.num_examples:], test_targets)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from serengeti.data.targets import IGNORE_INDEX
 
 
 class Vocab:

@@ -24,8 +24,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from serengeti.data.samplers import ResumableSampler
-
-IGNORE_INDEX = -100
+from serengeti.data.targets import IGNORE_INDEX
 
 
 def _dist_rank_world(num_replicas: int | None, rank: int | None) -> tuple[int, int]:

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
+from serengeti.data.targets import IGNORE_INDEX
 from serengeti.models.lm import LMHeadModel, build_model
 from serengeti.optim import build_optimizer, build_scheduler
-
-IGNORE_INDEX = -100
 
 
 class _Mean(torchmetrics.Metric):
@@ -34,7 +33,7 @@ class _Mean(torchmetrics.Metric):
 
 
 class LMTask(pl.LightningModule):
-    """Causal language modelling on (inputs, targets) batches; targets == -100 are ignored.
+    """Causal language modelling on (inputs, targets) batches; targets == ``IGNORE_INDEX`` are ignored.
 
     Logs ``{train,val,test}/loss`` (mean CE per scored token), ``/perplexity`` (exp of it) and
     ``/accuracy`` (argmax accuracy over scored tokens — the last token in the synthetic test sets).
