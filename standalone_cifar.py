@@ -489,7 +489,7 @@ def main(argv=None) -> dict:
                                    kernel_lam=args.kernel_lam, kernel_dropout=args.kernel_dropout,
                                    kernel_smooth=args.kernel_smooth, kernel_init=args.kernel_init).to(device)
     except ValueError as e:
-        raise SystemExit(str(e)) from e
+        raise SystemExit(f"standalone_cifar.py: error: {e}") from None
     try:
         x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_cifar(args.data))
     except (OSError, ValueError, RuntimeError) as e:  # missing, damaged or foreign --data; hub unreachable
