@@ -42,6 +42,7 @@ BAD_TRAIN = [
     ("dataset.batch_size=abc", r"dataset.batch_size='abc': expected an integer >= 1"),
     ("dataset.batch_size=2.5", r"dataset.batch_size=2.5: expected an integer >= 1"),
     ("dataset.num_examples=0", r"dataset.num_examples=0: expected an integer >= 1"),
+    ("dataset.seq_len=0", r"dataset.seq_len=0: expected an integer >= 1"),
     ("dataset.num_workers=-1", r"dataset.num_workers=-1: expected an integer >= 0"),
     ("model.n_layer=0", r"model.n_layer=0: expected an integer >= 1"),
     ("model.n_layer=abc", r"model.n_layer='abc': expected an integer >= 1"),
@@ -109,6 +110,19 @@ def test_prepare_checks_before_building(tmp_path, monkeypatch):
     monkeypatch.setattr("serengeti.train.instantiate", lambda *a, **k: pytest.fail("built despite a bad config"))
     with pytest.raises(ConfigError, match="optimizer.lr=0"):
         prepare(compose_cfg(tiny_overrides(tmp_path) + ["optimizer.lr=0"], output_dir=tmp_path))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.init_scheme=bogus", r"^model: model.init_scheme must be one of \['gpt2', 'lecun'\], got 'bogus'"),
+    ("model.attn_layer_idx=[5]", r"^model: model.attn_layer_idx \[5\] out of range for model.n_layer=2"),
+    ("dataset.vocab_size=1", r"^dataset.vocab_size must be >= 4"),
+])
+def test_constructor_checks_are_reported_with_their_group(override, message, tmp_path):
+    """Options of one model or datamodule are checked by its constructor; prepare() names the group."""
+    from serengeti.train import prepare
+
+    with pytest.raises(ConfigError, match=message):
+        prepare(compose_cfg(tiny_overrides(tmp_path) + [override], output_dir=tmp_path))
 
 
 # -- text files -------------------------------------------------------------------------------
