@@ -7,23 +7,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import compose_cfg
 from serengeti.data.tokenizers import CharTokenizer, load_tokenizer
 from serengeti.evaluate import lm_eval_adapter
 from serengeti.evaluate.lm_eval_adapter import LMScorer, run_lm_eval
 from serengeti.tasks.lm import build_model
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!"
-MIXERS = {
-    "hyena": {"_target_": "serengeti.mixers.Hyena", "_partial_": True, "filter_order": 8},
-    "h3": {"_target_": "serengeti.mixers.H3", "_partial_": True, "d_state": 8},
-    "attention": {"_target_": "serengeti.mixers.Attention", "_partial_": True, "num_heads": 2},
-}
+SMALL = {"hyena": {"filter_order": 8}, "h3": {"d_state": 8}, "attention": {"num_heads": 2}}  # configs/model/mixer/ + these
+
+
+def _mixer_cfg(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return {**OmegaConf.to_container(compose_cfg([f"model/mixer={name}"]).model.mixer), **SMALL[name]}
 
 
 def tiny_lm(mixer: str, vocab_size: int, l_max: int | None = 16, seed: int = 0):
     torch.manual_seed(seed)
     cfg = {"d_model": 16, "n_layer": 2, "vocab_size": vocab_size, "l_max": l_max, "embed_dropout": 0.0,
-           "resid_dropout": 0.0, "pad_vocab_size_multiple": 8, "mixer": dict(MIXERS[mixer])}
+           "resid_dropout": 0.0, "pad_vocab_size_multiple": 8, "mixer": _mixer_cfg(mixer)}
     model = build_model(cfg).eval()
     with torch.no_grad():  # bigger logits than the 0.02 init, so argmax/greedy checks are not ties
         model.word_embeddings.weight.mul_(50)
@@ -211,6 +214,16 @@ def test_simple_evaluate_on_local_tasks(tmp_path, char_tok):
               == r["label"] for r in rows) / len(rows)
     assert res["tiny_mc"]["acc,none"] == pytest.approx(acc)
     assert set(res) == {"tiny_mc", "tiny_roll", "tiny_gen"}
+
+
+def test_max_length_is_the_models_own(char_tok):
+    """One rule with generation and perplexity: LMHeadModel.max_seq_len (Hyena: l_max), else the default
+    for models that take any length (H3, even with an l_max set); a longer max_length is refused."""
+    assert LMScorer(tiny_lm("hyena", char_tok.vocab_size, l_max=16), char_tok).max_length == 16
+    assert LMScorer(tiny_lm("h3", char_tok.vocab_size, l_max=16), char_tok).max_length == lm_eval_adapter.DEFAULT_MAX_LENGTH
+    assert LMScorer(tiny_lm("h3", char_tok.vocab_size, l_max=16), char_tok, max_length=40).max_length == 40
+    with pytest.raises(ValueError, match="max_length=20 exceeds the model's maximum sequence length 16"):
+        LMScorer(tiny_lm("hyena", char_tok.vocab_size, l_max=16), char_tok, max_length=20)
 
 
 def test_prefix_token_id_defaults_and_errors():

@@ -7,13 +7,15 @@ Every mixer's state (KV cache, H3/S5 state, Hyena/LongConv input history) lives 
     logits = model(prompt, state=state)[:, -1]     # prefill: parallel pass, state left at position P
     for each new token t:  tok = sample(logits);  logits = model.step(tok, state)
 
-so generation never re-runs the prompt.
+so generation never re-runs the prompt. :func:`stream` yields the new tokens one by one (a caller
+may stop at an end-of-text token or a stop string, e.g. the lm_eval adapter); :func:`generate`
+collects a fixed number of them and times the two phases.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -69,22 +71,24 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
 
 
 @torch.inference_mode()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator: torch.Generator | None = None, max_len: int | None = None,
-             clock: Callable[[], float] = time.perf_counter) -> Generation:
-    """Generate ``max_new_tokens`` tokens after ``prompt`` with the model's recurrent mode.
+def stream(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None,
+           max_len: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield up to ``max_new_tokens`` new tokens after ``prompt``, one (B,) long tensor at a time.
+
+    The model's recurrent mode: one prefill pass over the prompt, then one ``step`` per token; a
+    token is only fed back when the next one is asked for, so a caller that stops early computes
+    nothing past the last token it took.
 
     Args:
         model: an :class:`~serengeti.models.lm.LMHeadModel` (put it in eval mode first).
         prompt: (B, P) long, P >= 1.
         max_new_tokens: N >= 1.
         temperature, top_k, top_p, generator: see :func:`sample`.
-        max_len: the model's maximum sequence length; ``P + N - 1`` must not exceed it.
-        clock: seconds for the timings (``time.thread_time`` measures CPU time on a busy machine).
+        max_len: the model's maximum sequence length (``model.max_seq_len``; None = unbounded);
+            ``P + N - 1`` must not exceed it.
 
-    Returns:
-        :class:`Generation` with ``tokens`` (B, N). Only ids below ``model.vocab_size`` are sampled
-        (the padded rows of the embedding are never produced).
+    Only ids below ``model.vocab_size`` are sampled (the padded rows of the embedding are never produced).
     """
     B, P = prompt.shape
     if P < 1:
@@ -96,15 +100,31 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
         raise ValueError(f"prompt of {P} tokens + max_new_tokens={max_new_tokens} needs {total} positions, more than "
                          f"the model's maximum sequence length {max_len} (model.l_max)")
     V = model.vocab_size
-    start = clock()
     state = model.allocate_state(B, max_len=total)
     logits = model(prompt, state=state, num_last_tokens=1)[:, -1, :V]
-    tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    out = [tok]
-    t_prefill = clock()
-    for _ in range(max_new_tokens - 1):
-        logits = model.step(tok, state)[:, :V]
+    for i in range(max_new_tokens):
+        if i > 0:
+            logits = model.step(tok, state)[:, :V]
         tok = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        out.append(tok)
+        yield tok
+
+
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None, max_len: int | None = None,
+             clock: Callable[[], float] = time.perf_counter) -> Generation:
+    """Generate exactly ``max_new_tokens`` tokens after ``prompt`` (:func:`stream`, same arguments).
+
+    Args:
+        clock: seconds for the timings (``time.thread_time`` measures CPU time on a busy machine).
+
+    Returns:
+        :class:`Generation` with ``tokens`` (B, N).
+    """
+    start = clock()
+    tokens = stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    generator=generator, max_len=max_len)
+    out = [next(tokens)]
+    t_prefill = clock()
+    out.extend(tokens)
     end = clock()
     return Generation(torch.stack(out, dim=1), t_prefill - start, end - t_prefill)

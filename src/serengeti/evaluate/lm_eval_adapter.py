@@ -29,9 +29,13 @@ Conventions (what each method computes):
   before ``b`` (so later windows overlap earlier ones to keep a full context) and scores only its
   last ``b - a`` positions.
 * ``generate_until``: greedy (or, with ``do_sample``/``temperature > 0``, sampled) continuation
-  via the model's recurrent mode (``allocate_state`` + prefill + ``step``; a full re-run per
-  token for mixers without one), stopped at the end-of-text token, at ``max_gen_toks``, or at the
-  first ``until`` string, which is cut from the returned text.
+  by :func:`serengeti.generation.stream` (the model's recurrent mode: prefill + one ``step`` per
+  token), stopped at the end-of-text token, at ``max_gen_toks``, or at the first ``until``
+  string, which is cut from the returned text.
+
+The maximum length is the model's own (``LMHeadModel.max_seq_len``: Hyena's ``l_max``, learned
+positions), or :data:`DEFAULT_MAX_LENGTH` for models that take any length (H3, S5, Hyena-S5, the
+long convolution, attention without positions).
 
 Batches are padded on the right: the models are causal, so padding never changes the logits of
 real positions.
@@ -47,7 +51,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from serengeti.mixers.base import StateError
+from serengeti.generation import stream
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +77,8 @@ class LMScorer:
             ``decode(ids) -> str`` (serengeti's BPE and char tokenizers), or a Hugging Face-style
             ``encode(str)`` (returning ids or an object with ``.ids``).
         batch_size: sequences per forward pass in the scoring methods.
-        max_length: longest input fed to the model; default: the model's ``l_max`` (Hyena's
-            filters stop there), else its ``max_position_embeddings``, else 2048.
+        max_length: longest input fed to the model, at most ``model.max_seq_len``; default:
+            ``model.max_seq_len``, or :data:`DEFAULT_MAX_LENGTH` for a model that takes any length.
         prefix_token_id: conditions the first token of empty contexts and rolling texts; default:
             the tokenizer's ``eos_id``, else (character vocabularies) the id of ``"\\n"``; required
             when the tokenizer has neither.
@@ -92,9 +96,12 @@ class LMScorer:
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.max_length = int(max_length or self._model_max_length(model))
+        limit = getattr(model, "max_seq_len", None)
+        self.max_length = int(max_length or limit or DEFAULT_MAX_LENGTH)
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if limit is not None and self.max_length > limit:
+            raise ValueError(f"max_length={self.max_length} exceeds the model's maximum sequence length {limit}")
         self.vocab_size = int(getattr(model, "vocab_size", model.lm_head.weight.shape[0]))
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self.prefix_token_id = self._default_prefix() if prefix_token_id is None else int(prefix_token_id)
@@ -115,14 +122,6 @@ class LMScorer:
         except ValueError:  # a character vocabulary without "\n"
             return None
         return ids[0] if len(ids) == 1 else None
-
-    @staticmethod
-    def _model_max_length(model: torch.nn.Module) -> int:
-        l_max = getattr(model, "l_max", None)
-        if l_max:
-            return int(l_max)
-        pos = getattr(model, "max_position_embeddings", 0)
-        return int(pos) if pos else DEFAULT_MAX_LENGTH
 
     @property
     def model_device(self) -> torch.device:
@@ -250,10 +249,9 @@ class LMScorer:
             out.append(text)
         return out
 
-    @torch.no_grad()
     def generate_ids(self, context: list[int], max_new: int, *, stop: Callable[[str], bool] | None = None,
                      temperature: float = 0.0) -> list[int]:
-        """Generate up to ``max_new`` tokens after ``context`` (batch 1).
+        """Generate up to ``max_new`` tokens after ``context`` (batch 1) with :func:`serengeti.generation.stream`.
 
         Greedy when ``temperature == 0``. Stops after an end-of-text token (kept out of the result)
         or once ``stop(decoded text so far)`` is true. The context is cut on the left so context +
@@ -264,31 +262,16 @@ class LMScorer:
             return []
         context = context[-(self.max_length - max_new):]
         device = self.model_device
-        ids = torch.as_tensor([context], dtype=torch.long, device=device)
-        try:
-            state = self.model.allocate_state(1, max_len=len(context) + max_new)
-        except (StateError, ValueError) as e:  # a mixer without a recurrent mode, or max_len > its l_max
-            log.info("generation without a recurrent state (%s): re-running the prefix per token", e)
-            state = None
-        logits = self.model(ids, state=state)[:, -1] if state is not None else self.model(ids)[:, -1]
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        gen = torch.Generator(device=device).manual_seed(self.seed) if temperature > 0 else None
         out: list[int] = []
-        for i in range(max_new):
-            scores = logits[0, : self.vocab_size].float()
-            if temperature > 0:
-                probs = torch.softmax(scores / temperature, dim=-1).cpu()
-                tok = int(torch.multinomial(probs, 1, generator=gen).item())
-            else:
-                tok = int(scores.argmax().item())
+        for tok in stream(self.model, torch.as_tensor([context], dtype=torch.long, device=device), max_new,
+                          temperature=temperature, generator=gen, max_len=self.max_length):
+            tok = int(tok[0])
             if tok == self.eos_id:
                 break
             out.append(tok)
-            if (stop is not None and stop(self.decode(out))) or i == max_new - 1:
+            if stop is not None and stop(self.decode(out)):
                 break
-            if state is not None:
-                logits = self.model.step(torch.tensor([tok], device=device), state)
-            else:
-                logits = self.model(torch.as_tensor([context + out], dtype=torch.long, device=device))[:, -1]
         return out
 
 
