@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 from conftest import CONFIG_DIR, ROOT, compose_cfg
 from serengeti.checkpoint import CheckpointError
-from serengeti.evaluate.perplexity import EvalError
+from serengeti.evaluate import EvalError
 from serengeti.evaluate.run import main as evaluate_main
 from serengeti.evaluate.run import run as evaluate
 from serengeti.train import run as train

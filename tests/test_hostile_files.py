@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_cfg
 from serengeti.checkpoint import CheckpointError, load_model, read_checkpoint, save_pretrained
-from serengeti.evaluate.perplexity import EvalError, build_datamodule
+from serengeti.evaluate import EvalError
+from serengeti.evaluate.perplexity import build_datamodule
 from serengeti.models.lm import build_model
 from serengeti.registry import UnsafeConfigError
 

@@ -10,14 +10,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
+from serengeti.evaluate import EvalError
+
 if TYPE_CHECKING:  # Lightning is imported only when an evaluation runs (generate/export stay light)
     import pytorch_lightning as pl
 
 SPLITS = ("val", "test")
-
-
-class EvalError(ValueError):
-    """Bad evaluation settings; the message names the key and what was expected."""
 
 
 def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = None) -> pl.LightningDataModule:

@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from serengeti.checkpoint import CheckpointError, export, load_model
-from serengeti.evaluate.perplexity import EvalError, build_datamodule, evaluate_model
+from serengeti.evaluate import EvalError
+from serengeti.evaluate.perplexity import build_datamodule, evaluate_model
 from serengeti.generation import generate
 from serengeti.validate import ConfigError, Rule, check_choice, check_rule, lightning_precisions, remove_fresh_run_dir
 
