@@ -200,3 +200,13 @@ def test_rng_states_round_trip_from_any_rank_row():
     restore_rng({k: t[1] for k, t in table.items()})
     got = (torch.rand(4), np.random.rand(4), random.random(), np.random.randn())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2:] == expected[2:]
+
+
+def test_slurm_requeue_command_names_the_job_or_array_task():
+    from serengeti.preemption import slurm_requeue_command
+
+    assert slurm_requeue_command({"SLURM_JOB_ID": "123"}) == ["scontrol", "requeue", "123"]
+    assert slurm_requeue_command({"SLURM_JOB_ID": "130", "SLURM_ARRAY_JOB_ID": "123",
+                                  "SLURM_ARRAY_TASK_ID": "4"}) == ["scontrol", "requeue", "123_4"]
+    assert slurm_requeue_command({}) is None
+    assert slurm_requeue_command({"SLURM_JOB_ID": "1; rm -rf /"}) is None

@@ -3,14 +3,18 @@ optimizer step, write ``last.ckpt`` at that step, and leave with exit code 128 +
 
 Lightning's own handling exits 0 without saving on SIGTERM and interrupts Ctrl-C mid-step; this
 callback replaces both for the duration of ``fit``. A second Ctrl-C stops at once (no checkpoint).
-Under DDP every rank stops at the same step (the flag is all-reduced after each step).
+Under DDP every rank stops at the same step (the flag is all-reduced after each step). Under SLURM,
+SIGUSR1 also requeues the job (``scontrol requeue``, as Lightning's auto-requeue does) once the
+checkpoint is written; the requeued job resumes with ``ckpt_path=auto`` (docs/reliability.md).
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 import pytorch_lightning as pl
 
@@ -18,6 +22,17 @@ log = logging.getLogger("serengeti")
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None),
                             getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+def slurm_requeue_command(env: Mapping[str, str] = os.environ) -> list[str] | None:
+    """``["scontrol", "requeue", JOB]`` for the SLURM job (array task) this process runs in, else ``None``."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    else:
+        job = env.get("SLURM_JOB_ID")
+    if not job or not job.replace("_", "").isdigit():
+        return None
+    return ["scontrol", "requeue", job]
 
 
 class Preempted(Exception):
@@ -79,4 +94,18 @@ class Preemption(pl.Callback):
 
             path = str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
             trainer.save_checkpoint(path)
+        if self.received == getattr(signal, "SIGUSR1", None) and trainer.is_global_zero:
+            self._requeue()
         raise Preempted(self.received or signal.SIGTERM, trainer.global_step, path)
+
+    @staticmethod
+    def _requeue() -> None:
+        cmd = slurm_requeue_command()
+        if cmd is None:
+            return
+        try:
+            code = subprocess.call(cmd)
+        except OSError as e:
+            log.warning("could not requeue the SLURM job (%s): resubmit it with ckpt_path=auto", e)
+            return
+        log.info("requeued the SLURM job (%s exited %d)", " ".join(cmd), code)

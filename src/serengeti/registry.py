@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 #: Hydra keys that carry no constructor argument. ``_partial_`` is how configs mark a mixer factory.
 _HYDRA_FLAGS = {"_target_", "_partial_", "_convert_"}

@@ -4,22 +4,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from serengeti.accelerator import cuda_problem
 from serengeti import config_resolvers  # noqa: F401  (registers ${serengeti.*} resolvers)
+from serengeti.accelerator import cuda_problem
 from serengeti.checkpoint import CheckpointError, tokenizer_record
-from serengeti.compiling import compile_backbone
 from serengeti.checkpointing import ModelCheckpoint, SafeCheckpointIO, resolve_ckpt_path
+from serengeti.compiling import compile_backbone
 from serengeti.nonfinite import NonFiniteError, NonFiniteGuard
 from serengeti.preemption import Preempted, Preemption
 from serengeti.registry import UnsafeConfigError
@@ -28,7 +24,7 @@ from serengeti.run_config import fill_from_dataset
 from serengeti.run_record import write_run_record
 from serengeti.scale import apply_global_batch
 from serengeti.tasks.lm import LMTask
-from serengeti.validate import ConfigError, check_config  # ConfigError lives there; re-exported here
+from serengeti.validate import ConfigError, check_config, remove_fresh_run_dir  # ConfigError re-exported here
 
 log = logging.getLogger("serengeti")
 
@@ -73,17 +69,6 @@ def _root_cause(e: BaseException) -> str:
     return str(e)
 
 
-def _log_param_groups(task: LMTask) -> None:
-    from serengeti.optim import param_groups
-
-    opt = task.cfg["optimizer"]
-    groups = param_groups(task.model, lr=opt["lr"], weight_decay=opt.get("weight_decay", 0.0),
-                          policy=opt.get("weight_decay_policy", "reference"))
-    for g in groups:
-        n = sum(p.numel() for p in g["params"])
-        log.info("param group lr=%g wd=%g: %d tensors, %d parameters", g["lr"], g["weight_decay"], len(g["params"]), n)
-
-
 def _callbacks(cfg: DictConfig, nan_policy: str) -> list[pl.Callback]:
     """The configured callbacks plus the ones every run needs: exact resume, the non-finite guard and
     pre-emption handling (which writes ``last.ckpt`` through the configured checkpoint callback)."""
@@ -96,6 +81,7 @@ def _callbacks(cfg: DictConfig, nan_policy: str) -> list[pl.Callback]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and test) one configuration; returns the final metrics as floats."""
+    check_config(cfg)  # before seeding: seed=abc is a config error too
     pl.seed_everything(cfg.seed, workers=True)  # a resumed run gets its RNG states back at its first batch
     datamodule, task = prepare(cfg)
     try:
@@ -104,7 +90,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(str(e)) from e
     n_params = sum(p.numel() for p in task.model.parameters())
     log.info("model: %s parameters", f"{n_params:,}")
-    _log_param_groups(task)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     nan_policy = trainer_cfg.pop("nan_policy", "stop")
     try:
@@ -148,7 +133,7 @@ def main(cfg: DictConfig) -> float | None:
             raise SystemExit(ours.exit_code) from None
         if isinstance(ours, NonFiniteError):
             raise SystemExit(f"error: {ours}") from None
-        _remove_fresh_output_dir(cfg)
+        remove_fresh_run_dir(cfg.paths.get("output_dir") if cfg.get("paths") else None)
         if ours is not None:
             raise SystemExit(f"config error: {_first_line(str(ours))}") from None
         raise SystemExit(f"error while training: {type(e).__name__}: {_first_line(_root_cause(e))} "
@@ -166,13 +151,3 @@ def _first_of(e: BaseException | None, types: tuple[type, ...]) -> BaseException
 
 def _first_line(text: str) -> str:
     return (text.strip().splitlines() or [""])[0][:500]
-
-
-def _remove_fresh_output_dir(cfg: DictConfig) -> None:
-    """Delete the run dir Hydra created if it holds nothing but Hydra's own files."""
-    try:
-        out = Path(cfg.paths.output_dir)
-    except Exception:
-        return
-    if out.is_dir() and all(p.name in (".hydra", "train.log", "main.log") for p in out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)

@@ -39,7 +39,7 @@ def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = No
     except UnsafeConfigError as e:
         raise EvalError(str(e)) from e
     except Exception as e:  # the datamodule's own message names its key
-        raise EvalError(f"dataset: {e}") from e
+        raise EvalError(str(e) if str(e).startswith("dataset") else f"dataset: {e}") from e
 
 
 def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any], max_seq_len: int | None = None) -> None:
