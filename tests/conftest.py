@@ -10,6 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
+import serengeti  # noqa: F401  (registers the ${serengeti.*} resolvers the configs use)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 SHARED_DATA = Path(os.environ.get("SERENGETI_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -85,3 +85,34 @@ def test_schedules():
         assert _lrs("cosine", 10, warmup_steps=20)[5] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="warmup_steps"):
         _lrs("cosine", 10, warmup_steps=-1)
+
+
+@pytest.mark.parametrize("lr, ssm_lr", [(5e-4, 5e-4), (2e-3, 1e-3)])
+def test_h3_ssm_lr_is_min_of_1e3_and_the_base_lr(lr, ssm_lr, caplog):
+    """configs/model/mixer/h3.yaml derives ssm_lr = min(1e-3, optimizer.lr); the LightningModule builds and logs
+    the optimizer groups once, and H3's SSM parameters train at that lr without weight decay."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from serengeti.run_config import fill_from_dataset
+    from serengeti.tasks.lm import LMTask
+
+    cfg = compose_cfg(["model=h3", f"optimizer.lr={lr}", "optimizer.weight_decay=0.1", "trainer.max_steps=10"])
+    assert cfg.model.mixer.ssm_lr == pytest.approx(ssm_lr)
+    plain = OmegaConf.to_container(fill_from_dataset(cfg, vocab_size=11, l_max=16), resolve=True)
+    task = LMTask({k: plain[k] for k in ("model", "optimizer", "scheduler")})
+    with caplog.at_level(logging.INFO, logger="serengeti"):
+        optimizer = task.configure_optimizers()["optimizer"]
+    assert {(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups} == {(lr, 0.1), (ssm_lr, 0.0)}
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("param group")]
+    assert len(logged) == len(optimizer.param_groups)
+    assert sum(int(m.split(", ")[-1].split()[0]) for m in logged) == sum(p.numel() for p in task.model.parameters())
+
+
+def test_min_resolver_names_itself_on_bad_input():
+    from omegaconf import OmegaConf
+
+    with pytest.raises(Exception, match=r"serengeti.min:...\} takes two numbers"):
+        OmegaConf.create({"a": "${serengeti.min:1,abc}"}).a

@@ -19,6 +19,8 @@ from typing import Any
 
 __all__ = ["LMHeadModel", "generate", "load_model", "load_tokenizer"]
 
+from serengeti import config_resolvers as _config_resolvers  # noqa: F401  (${serengeti.*} for every config user)
+
 _LAZY = {"LMHeadModel": "serengeti.models.lm", "generate": "serengeti.generation", "load_model": "serengeti.checkpoint"}
 
 

@@ -1,9 +1,12 @@
-"""OmegaConf resolvers the configs use; registered when :mod:`serengeti.train` is imported.
+"""OmegaConf resolvers the configs use; registered when the :mod:`serengeti` package is imported.
 
 ``${serengeti.val_epochs:${trainer.val_check_interval}}`` (configs/trainer/cpu.yaml) makes
 ``trainer.val_check_interval`` the one key for validation frequency: an int N validates every N
 training batches counted over the whole run (Lightning's ``check_val_every_n_epoch`` becomes
 null), anything else (null, or a float fraction of an epoch) keeps validation per epoch.
+
+``${serengeti.min:a,b}`` is the smaller of two numbers: H3's ``ssm_lr`` is
+``${serengeti.min:1.0e-3,${optimizer.lr}}`` (configs/model/mixer/h3.yaml), so it follows the base lr.
 """
 from __future__ import annotations
 
@@ -16,10 +19,22 @@ def val_epochs(val_check_interval) -> int | None:
     return None if is_steps else 1
 
 
+def minimum(a, b):
+    """The smaller of two numbers; a non-number names the resolver."""
+    for value in (a, b):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"${{serengeti.min:...}} takes two numbers, got {value!r}")
+    return min(a, b)
+
+
+RESOLVERS = {"serengeti.val_epochs": val_epochs, "serengeti.min": minimum}
+
+
 def register() -> None:
     """Register the resolvers (idempotent)."""
-    if not OmegaConf.has_resolver("serengeti.val_epochs"):
-        OmegaConf.register_new_resolver("serengeti.val_epochs", val_epochs)
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 register()

@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from serengeti.optim_tags import set_optim  # noqa: F401  (re-export: tag parameters where they are created)
 
 WEIGHT_DECAY_POLICIES = ("reference", "standard", "matrices")
+DEFAULT_WEIGHT_DECAY_POLICY = "reference"  # the papers' code: every parameter decays unless tagged
 
 
 def _default_decays(model: nn.Module, policy: str) -> dict[int, bool]:
@@ -32,7 +33,7 @@ def _default_decays(model: nn.Module, policy: str) -> dict[int, bool]:
     return decays
 
 
-def param_groups(model: nn.Module, *, lr: float, weight_decay: float, policy: str = "reference") -> list[dict]:
+def param_groups(model: nn.Module, *, lr: float, weight_decay: float, policy: str = DEFAULT_WEIGHT_DECAY_POLICY) -> list[dict]:
     """Partition trainable parameters into AdamW groups.
 
     Every parameter lands in exactly one group. Parameters tagged with ``_optim`` (see
@@ -59,7 +60,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, policy: st
 
 def build_optimizer(model: nn.Module, *, name: str = "adamw", lr: float, weight_decay: float = 0.0,
                     betas: Iterable[float] = (0.9, 0.999), eps: float = 1e-8,
-                    weight_decay_policy: str = "reference") -> torch.optim.Optimizer:
+                    weight_decay_policy: str = DEFAULT_WEIGHT_DECAY_POLICY) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` (config group ``optimizer``)."""
     if name != "adamw":
         raise ValueError(f"optimizer.name must be 'adamw', got {name!r}")

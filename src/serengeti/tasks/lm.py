@@ -1,6 +1,7 @@
 """The LightningModule: causal-LM cross-entropy over any backbone built from a plain config dict."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -12,6 +13,8 @@ import torchmetrics
 from serengeti.data.targets import IGNORE_INDEX
 from serengeti.models.lm import LMHeadModel, build_model
 from serengeti.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("serengeti")
 
 
 class _Mean(torchmetrics.Metric):
@@ -113,6 +116,9 @@ class LMTask(pl.LightningModule):
     def configure_optimizers(self):
         opt_cfg = dict(self.cfg["optimizer"])
         optimizer = build_optimizer(self.model, **opt_cfg)
+        for g in optimizer.param_groups:  # the groups the run trains with, as built
+            log.info("param group lr=%g wd=%g: %d tensors, %d parameters", g["lr"], g["weight_decay"], len(g["params"]),
+                     sum(p.numel() for p in g["params"]))
         sched_cfg = dict(self.cfg.get("scheduler") or {"name": "constant"})
         total = sched_cfg.pop("total_steps", None) or self.trainer.estimated_stepping_batches
         if total is None or not math.isfinite(total):
