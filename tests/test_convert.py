@@ -1,5 +1,5 @@
 """Converters from the reference (safari / H3) checkpoint layouts, checked against float64 reference
-forwards written here from the equations in REFERENCE.md (direct convolutions, step-by-step SSM)."""
+forwards written here from the equations in docs/mixers.md (direct convolutions, step-by-step SSM)."""
 from __future__ import annotations
 
 import math

@@ -72,7 +72,7 @@ def test_rejects_bidirectional_and_unknown_keys():
 
 
 @pytest.mark.parametrize("experiment, vocab, expected", [
-    ("synthetics/associative_recall/hyena_s5_131k_v30", 30, 120_288),  # REFERENCE.md §11
+    ("synthetics/associative_recall/hyena_s5_131k_v30", 30, 120_288),  # docs/mixers.md#published-configurations
     ("wikitext/hyena_s5", 50257, 128_496_384),
 ])
 def test_published_parameter_counts(experiment, vocab, expected):

@@ -1,4 +1,4 @@
-"""The LM experiment families of issue 6: owt/* and pile/* (125M) and wikitext_small/* (CPU).
+"""The LM experiment families: owt/* and pile/* (125M) and wikitext_small/* (CPU).
 
 Models are built on the meta device from the composed experiment (no memory, no init), so the
 parameter counts and the optimization budgets are checked without training anything.
@@ -10,7 +10,7 @@ import pytest
 from conftest import build_meta, compose_cfg
 from serengeti.scale import global_batch_plan
 
-# Hyena-S5 WT103 at vocab 50257 (REFERENCE.md §11); the OWT/Pile runs pad the vocab to 50264 (+7 rows of 768)
+# Hyena-S5 WT103 at vocab 50257 (docs/mixers.md#published-configurations); the OWT/Pile runs pad the vocab to 50264 (+7 rows of 768)
 HYENA_S5_125M = 128_496_384 + 7 * 768
 MODELS_125M = ["transformer", "h3", "hybrid_h3", "hyena", "hyena_s5"]
 

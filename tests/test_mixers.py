@@ -223,7 +223,7 @@ def test_longconv_kernel_has_its_own_group():
         assert groups[n] == (0.5, 0.1), n
 
 
-# --- LongConv regularisers (REFERENCE.md section 6) ------------------------------------------
+# --- LongConv regularisers (docs/mixers.md#long-convolution) ------------------------------------------
 def test_longconv_squash_is_a_soft_threshold():
     m = LongConv(2, l_max=5, channels=1, kernel_lam=0.01, kernel_dropout=0.5).eval()
     with torch.no_grad():

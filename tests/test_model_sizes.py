@@ -1,7 +1,7 @@
 """Parameter counts of the 125M WikiText-103 configs against the published sizes.
 
 Each model is built from its experiment config on the meta device (no memory, no init cost) and
-its count is checked twice: exactly against a closed-form count of REFERENCE.md's layers (so a
+its count is checked twice: exactly against a closed-form count of the layers of docs/mixers.md (so a
 missing or extra parameter in a mixer shows up), and within 3 % of the published size.
 """
 from __future__ import annotations
@@ -15,20 +15,20 @@ CASES = {
     "transformer": (["experiment=wikitext/transformer"], 125e6, "Transformer 125M (H3 / Hyena papers)"),
     "h3": (["experiment=wikitext/h3"], 125e6, "H3 125M (H3 paper)"),
     "hyena": (["experiment=wikitext/hyena"], 125e6, "Hyena 125M (Hyena paper)"),
-    "hybrid_h3": (["experiment=wikitext/hybrid_h3"], 126.1e6, "Hybrid H3 125M, ~126.1M (REFERENCE.md §11)"),
+    "hybrid_h3": (["experiment=wikitext/hybrid_h3"], 126.1e6, "Hybrid H3 125M, ~126.1M (docs/mixers.md#published-configurations)"),
     "hybrid_hyena": (["experiment=wikitext/hybrid_hyena"], 125e6, "Hyena with the 125M hybrid layout"),
-    # Pile Hyena-small (REFERENCE.md §11): D 864, 18 layers, d_inner 1728, emb_dim 33, w 14, l_max 2048
+    # Pile Hyena-small (docs/mixers.md#published-configurations): D 864, 18 layers, d_inner 1728, emb_dim 33, w 14, l_max 2048
     "hyena_small_pile": (
         ["experiment=wikitext/hyena", "model.d_model=864", "model.n_layer=18", "model.d_inner=1728",
          "model.mixer.emb_dim=33", "model.mixer.filter_order=64", "model.mixer.w=14",
          "model.mixer.lr_pos_emb=6e-4", "dataset.seq_len=2048"],
-        153.7e6, "Hyena-small 153.7M (REFERENCE.md §11)",
+        153.7e6, "Hyena-small 153.7M (docs/mixers.md#published-configurations)",
     ),
 }
 
 
 def _mixer_count(name: str, D: int, kw: dict, l_max: int) -> int:
-    """Parameters of one mixer, from the equations of REFERENCE.md §2, §4, §5."""
+    """Parameters of one mixer, from the equations of docs/mixers.md (attention, Hyena, H3)."""
     linear = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
     if name == "Attention":  # Wqkv + out_proj
         return linear(D, 3 * D) + linear(D, D)

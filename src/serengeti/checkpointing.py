@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from serengeti.atomic import atomic_write
 from serengeti.checkpoint import CheckpointError, load_weights_only
 
 log = logging.getLogger("serengeti")
@@ -40,29 +41,8 @@ def first_non_finite(state_dict: dict[str, Any]) -> str | None:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file in the same directory, fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer killed mid-save
-        stale.unlink(missing_ok=True)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """``torch.save(obj, path)`` atomically (:mod:`serengeti.atomic`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -18,12 +18,13 @@ import json
 import os
 import resource
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from serengeti.atomic import atomic_write_text
 
 RECORD_NAME = "metrics.json"
 RESOLVED_CONFIG_NAME = "config_resolved.yaml"
@@ -46,19 +47,6 @@ def git_state(repo: Path = _REPO) -> tuple[str | None, bool | None]:
     except (OSError, subprocess.SubprocessError):
         return None, None
     return commit, bool(status.strip())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_run_record(run_dir: str | os.PathLike, cfg: DictConfig, metrics: Mapping[str, float], *, steps: int,

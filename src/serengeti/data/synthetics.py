@@ -1,4 +1,4 @@
-"""Synthetic in-context-learning tasks (REFERENCE.md §9), generated vectorised in torch.
+"""Synthetic in-context-learning tasks (docs/mixers.md#synthetic-tasks), generated vectorised in torch.
 
 Every generator returns ``(inputs, targets)`` int64 tensors of shape (N, l_max); ``targets``
 use -100 for positions that are not scored. Training targets score every position (the

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serengeti.atomic import atomic_write_text
 from serengeti.validate import ConfigError
 
 log = logging.getLogger(__name__)
@@ -165,15 +166,6 @@ def _remove_stale_temporaries(paths: CachePaths) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_tokens(docs: Iterable[str], tokenizer, paths: CachePaths, *, add_eos: bool, spec: dict,
                  batch_docs: int = 1024, max_tokens: int | None = None,
                  progress_every_bytes: int = 64 << 20) -> dict:
@@ -234,7 +226,7 @@ def write_tokens(docs: Iterable[str], tokenizer, paths: CachePaths, *, add_eos: 
             "built_by": f"{socket.gethostname()}:{os.getpid()}",
         }
         os.replace(tmp, paths.bin)
-        _atomic_write_text(paths.meta, json.dumps(meta, indent=1, default=str))
+        atomic_write_text(paths.meta, json.dumps(meta, indent=1, default=str))
     finally:
         tmp.unlink(missing_ok=True)
     return meta
@@ -313,7 +305,7 @@ def ensure_tokens(paths: CachePaths, build: Callable[[], dict], *, wait_timeout_
             return read_cache(paths) or build_locked(paths, build)
         except BaseException as err:
             paths.bin.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(paths.error, json.dumps({"run_id": run_id, "error": f"{type(err).__name__}: {err}"}))
+            atomic_write_text(paths.error, json.dumps({"run_id": run_id, "error": f"{type(err).__name__}: {err}"}))
             raise
     deadline = time.monotonic() + wait_timeout_s
     while True:

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from serengeti.checkpoint import CheckpointError, export, load_model
+from serengeti.atomic import atomic_write_text
 from serengeti.evaluate import EvalError
 from serengeti.evaluate.perplexity import build_datamodule, evaluate_model
 from serengeti.generation import generate
@@ -105,12 +106,7 @@ def _device(cfg: DictConfig) -> str:
 def _write_json(path: Path, data: dict) -> None:
     """Atomic: a temporary file in the same directory, then rename. Called after the results are printed."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     except OSError as e:  # e.g. the disk filled up during a long evaluation
         raise EvalError(f"cannot write {path} ({e.strerror or e}); the results are printed above") from None
 

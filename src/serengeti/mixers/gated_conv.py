@@ -1,4 +1,4 @@
-"""The gated skeleton shared by Hyena and Hyena-S5 (REFERENCE.md sections 4 and 8).
+"""The gated skeleton shared by Hyena and Hyena-S5 (docs/mixers.md, Hyena and Hyena-S5).
 
 ::
 

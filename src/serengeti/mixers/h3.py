@@ -58,7 +58,7 @@ class H3State:
 
 
 class H3(Mixer):
-    """H3 sequence mixer, REFERENCE.md section 5.
+    """H3 sequence mixer, docs/mixers.md#h3.
 
     Args:
         d_model: model width D.

@@ -1,4 +1,4 @@
-"""Hyena operator of order N with an implicit long filter (REFERENCE.md section 4).
+"""Hyena operator of order N with an implicit long filter (docs/mixers.md#hyena).
 
 ::
 

@@ -1,4 +1,4 @@
-"""Hyena-S5: Hyena with each implicit long filter replaced by one MIMO S5 (REFERENCE.md section 8).
+"""Hyena-S5: Hyena with each implicit long filter replaced by one MIMO S5 (docs/mixers.md#hyena-s5).
 
 ::
 

@@ -1,4 +1,4 @@
-"""Long convolution mixer with explicitly learned kernels (REFERENCE.md section 6).
+"""Long convolution mixer with explicitly learned kernels (docs/mixers.md#long-convolution).
 
 ::
 

@@ -1,4 +1,4 @@
-"""S5: a MIMO diagonal state-space layer computed with a parallel scan (REFERENCE.md section 7).
+"""S5: a MIMO diagonal state-space layer computed with a parallel scan (docs/mixers.md#s5).
 
 ::
 
@@ -103,7 +103,7 @@ class S5(Mixer):
             ``full_glu`` out1(g)·σ(out2(g)), with g = gelu(y).
         ssm_lr: learning rate of Λ_re, Λ_im and B̃ (all without weight decay); None = base lr.
         dt_no_decay: also put log Δ in that group (the original S5 paper code). The Hyena-S5 LM
-            runs leave it in the ordinary group (faithful default, REFERENCE.md section 7).
+            runs leave it in the ordinary group (faithful default, docs/mixers.md#s5).
         scan_method: ``auto`` | ``chunked`` | ``log``, see :func:`serengeti.ops.scan.linear_scan`.
     """
 

@@ -1,6 +1,6 @@
 """The language model: embedding -> N pre-norm residual blocks -> final norm -> tied LM head.
 
-One block, in the reference order (REFERENCE.md §1)::
+One block, in the reference order (docs/architecture.md)::
 
     residual = dropout1(h) + residual        # block 0: residual = dropout1(embeddings)
     h        = mixer(LN1(residual))
@@ -309,7 +309,7 @@ def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.
 
 
 def _init_lecun(module: nn.Module, n_layer: int, initializer_range: float | None = None) -> None:
-    """The Flax defaults of the S5 authors' JAX LM (notes/s5.md §2.3); ``initializer_range`` is unused.
+    """The Flax defaults of the S5 authors' JAX LM (docs/architecture.md); ``initializer_range`` is unused.
 
     Linear weights and the short conv's taps: truncated normal (±2σ) with std 1/sqrt(fan_in)
     (fan_in = in_features, resp. the K taps of the depthwise conv), zero bias; Embedding
