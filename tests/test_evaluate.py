@@ -164,16 +164,12 @@ def test_metrics_are_printed_before_they_are_written(trained, tmp_path, monkeypa
     """A write that fails after a long evaluation still leaves the numbers on screen, and ends in one line."""
     _, ckpt = trained
 
-    import tempfile
+    import serengeti.evaluate.run as run_module
 
-    make_temp = tempfile.mkstemp
+    def disk_full(path, text):
+        raise OSError(28, "No space left on device")
 
-    def disk_full_for_metrics(*args, prefix="", **kwargs):  # the up-front write test still succeeds
-        if prefix.startswith(".metrics.json"):
-            raise OSError(28, "No space left on device")
-        return make_temp(*args, prefix=prefix, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", disk_full_for_metrics)
+    monkeypatch.setattr(run_module, "atomic_write_text", disk_full)  # the up-front write test still succeeds
     with pytest.raises(EvalError, match=r"cannot write .*metrics.json \(No space left on device\); the results are printed"):
         evaluate(eval_cfg([f"ckpt={ckpt}", f"out={tmp_path / 'e' / 'metrics.json'}"], tmp_path / "e"))
     assert "val/loss" in capsys.readouterr().out
