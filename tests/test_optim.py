@@ -116,3 +116,14 @@ def test_min_resolver_names_itself_on_bad_input():
 
     with pytest.raises(Exception, match=r"serengeti.min:...\} takes two numbers"):
         OmegaConf.create({"a": "${serengeti.min:1,abc}"}).a
+
+
+def test_warmup_starts_at_1e6_whatever_the_lr():
+    """owt/pile/wikitext H3 recipes: warmup_init_ratio = 1e-6 / optimizer.lr, derived, so the first lr is 1e-6."""
+    from conftest import compose_cfg
+
+    for overrides in (["experiment=owt/h3"], ["experiment=pile/h3", "optimizer.lr=3e-4"], ["experiment=wikitext/h3"]):
+        cfg = compose_cfg(overrides)
+        assert cfg.scheduler.warmup_init_ratio * cfg.optimizer.lr == pytest.approx(1e-6, rel=1e-12)
+    with pytest.raises(Exception, match=r"serengeti.ratio:...\} needs a positive divisor"):
+        compose_cfg(["experiment=owt/h3", "optimizer.lr=0"]).scheduler.warmup_init_ratio

@@ -7,6 +7,8 @@ null), anything else (null, or a float fraction of an epoch) keeps validation pe
 
 ``${serengeti.min:a,b}`` is the smaller of two numbers: H3's ``ssm_lr`` is
 ``${serengeti.min:1.0e-3,${optimizer.lr}}`` (configs/model/mixer/h3.yaml), so it follows the base lr.
+``${serengeti.ratio:a,b}`` is ``a / b``: a warmup that starts at the learning rate 1e-6 is
+``warmup_init_ratio: ${serengeti.ratio:1.0e-6,${optimizer.lr}}``.
 """
 from __future__ import annotations
 
@@ -19,15 +21,27 @@ def val_epochs(val_check_interval) -> int | None:
     return None if is_steps else 1
 
 
+def _numbers(name: str, *values) -> None:
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"${{serengeti.{name}:...}} takes two numbers, got {value!r}")
+
+
 def minimum(a, b):
     """The smaller of two numbers; a non-number names the resolver."""
-    for value in (a, b):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"${{serengeti.min:...}} takes two numbers, got {value!r}")
+    _numbers("min", a, b)
     return min(a, b)
 
 
-RESOLVERS = {"serengeti.val_epochs": val_epochs, "serengeti.min": minimum}
+def ratio(a, b) -> float:
+    """``a / b`` for a positive ``b``; anything else names the resolver."""
+    _numbers("ratio", a, b)
+    if b <= 0:
+        raise ValueError(f"${{serengeti.ratio:...}} needs a positive divisor, got {b!r}")
+    return a / b
+
+
+RESOLVERS = {"serengeti.val_epochs": val_epochs, "serengeti.min": minimum, "serengeti.ratio": ratio}
 
 
 def register() -> None:
