@@ -8,8 +8,7 @@ import torch
 
 from serengeti.mixers import Attention
 from serengeti.models.lm import LMHeadModel
-from serengeti.optim import build_optimizer, build_scheduler, param_groups
-from serengeti.optim_tags import set_optim
+from serengeti.optim import build_optimizer, build_scheduler, param_groups, set_optim
 
 
 def model_with_tags():

@@ -1,4 +1,10 @@
-"""Parameter groups, the AdamW builder and learning-rate schedules (stepped per optimizer step)."""
+"""Per-parameter optimizer tags, parameter groups, the AdamW builder and learning-rate schedules
+(stepped per optimizer step).
+
+A parameter tagged where it is created with ``set_optim(p, lr=..., weight_decay=...)`` carries
+``p._optim = {"lr": ..., "weight_decay": ...}``; :func:`param_groups` puts every distinct tag in its
+own AdamW group. ``lr=None`` keeps the base learning rate.
+"""
 from __future__ import annotations
 
 import math
@@ -10,10 +16,19 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from serengeti.optim_tags import set_optim  # noqa: F401  (re-export: tag parameters where they are created)
-
 WEIGHT_DECAY_POLICIES = ("reference", "standard", "matrices")
 DEFAULT_WEIGHT_DECAY_POLICY = "reference"  # the papers' code: every parameter decays unless tagged
+
+
+def set_optim(param: torch.nn.Parameter, *, lr: float | None = None, weight_decay: float | None = None) -> torch.nn.Parameter:
+    """Tag ``param`` with its own lr and/or weight decay and return it."""
+    opt = {}
+    if lr is not None:
+        opt["lr"] = float(lr)
+    if weight_decay is not None:
+        opt["weight_decay"] = float(weight_decay)
+    param._optim = opt
+    return param
 
 
 def _default_decays(model: nn.Module, policy: str) -> dict[int, bool]:
@@ -37,7 +52,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, policy: st
     """Partition trainable parameters into AdamW groups.
 
     Every parameter lands in exactly one group. Parameters tagged with ``_optim`` (see
-    :func:`serengeti.optim_tags.set_optim`) take their lr / weight decay from the tag; the rest
+    :func:`set_optim`) take their lr / weight decay from the tag; the rest
     follow ``policy``: ``reference`` decays everything (the papers' code), ``standard`` exempts
     biases, norms and embeddings, ``matrices`` decays exactly the parameters with >= 2 dimensions
     (Linear weights and embeddings; the GPT-2 / nanoGPT convention). Each group carries a ``names`` list for logging and tests.
