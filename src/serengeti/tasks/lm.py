@@ -120,6 +120,8 @@ class LMTask(pl.LightningModule):
             log.info("param group lr=%g wd=%g: %d tensors, %d parameters", g["lr"], g["weight_decay"], len(g["params"]),
                      sum(p.numel() for p in g["params"]))
         sched_cfg = dict(self.cfg.get("scheduler") or {"name": "constant"})
+        # serengeti.run_config fills total_steps from trainer.max_steps; only a run bounded by epochs
+        # (max_steps = -1) leaves it null and takes Lightning's estimate of its optimizer steps
         total = sched_cfg.pop("total_steps", None) or self.trainer.estimated_stepping_batches
         if total is None or not math.isfinite(total):
             raise ValueError("set trainer.max_steps or scheduler.total_steps: the schedule needs a finite length")
