@@ -20,7 +20,7 @@ SMALL = {"hyena": {"filter_order": 8}, "h3": {"d_state": 8}, "attention": {"num_
 def _mixer_cfg(name: str) -> dict:
     from omegaconf import OmegaConf
 
-    return {**OmegaConf.to_container(compose_cfg([f"model/mixer={name}"]).model.mixer), **SMALL[name]}
+    return {**OmegaConf.to_container(compose_cfg([f"model/mixer={name}"]).model.mixer, resolve=True), **SMALL[name]}
 
 
 def tiny_lm(mixer: str, vocab_size: int, l_max: int | None = 16, seed: int = 0):
