@@ -28,17 +28,11 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from serengeti.compiling import compile_backbone  # noqa: E402
 from serengeti.models.lm import build_model  # noqa: E402
+from serengeti.run_config import mixer_names, mixer_overrides  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 #: mixer -> overrides of train.yaml that select it
-MIXERS = {
-    "attention": ["model=transformer"],
-    "h3": ["model=h3"],
-    "hyena": ["model=hyena"],
-    "hyena_s5": ["model=hyena_s5"],
-    "longconv": ["model=longconv"],
-    "s5": ["model=hyena", "model/mixer=s5"],
-}
+MIXERS = {name: mixer_overrides(name, CONFIG_DIR) for name in mixer_names(CONFIG_DIR)}  # configs/model/mixer/
 
 
 def build_lm(name: str, d_model: int, n_layer: int, seq_len: int, vocab: int) -> torch.nn.Module:

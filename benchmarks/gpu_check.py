@@ -31,15 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from serengeti.run_config import mixer_names, mixer_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
-MIXERS = {  # mixer -> overrides of train.yaml that select it (as the model configs do)
-    "attention": ["model=transformer"],
-    "h3": ["model=h3"],
-    "hyena": ["model=hyena"],
-    "hyena_s5": ["model=hyena_s5"],
-    "longconv": ["model=longconv"],
-    "s5": ["model=hyena", "model/mixer=s5"],
-}
+CONFIG_DIR = ROOT / "configs"
+MIXERS = {name: mixer_overrides(name, CONFIG_DIR) for name in mixer_names(CONFIG_DIR)}  # configs/model/mixer/
 MODELS_125M = ["transformer", "h3", "hybrid_h3", "hyena", "hyena_s5"]
 LENGTHS = [2048, 4096, 8192, 16384, 32768, 65536]
 CHECKS = ["train", "attention", "distributed", "speed", "throughput"]

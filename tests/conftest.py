@@ -11,6 +11,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import serengeti  # noqa: F401  (registers the ${serengeti.*} resolvers the configs use)
+from serengeti.run_config import mixer_names
+from serengeti.run_config import mixer_overrides as _mixer_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
@@ -28,19 +30,22 @@ def compose_cfg(overrides: list[str] | None = None, output_dir: str | Path | Non
 
 
 #: every mixer, one per file of configs/model/mixer/ (the single list the mixer tests share)
-MIXERS = sorted(p.stem for p in (ROOT / "configs" / "model" / "mixer").glob("*.yaml"))
+MIXERS = mixer_names(CONFIG_DIR)
 
 
 def mixer_overrides(name: str) -> list[str]:
-    """``train.yaml`` overrides that select mixer ``name``: its own model preset (``configs/model/<x>.yaml``
-    whose defaults pick the mixer, hybrids aside), else the default backbone with ``model/mixer=<name>``."""
-    import yaml
+    """``train.yaml`` overrides that select mixer ``name`` (:func:`serengeti.run_config.mixer_overrides`)."""
+    return _mixer_overrides(name, CONFIG_DIR)
 
-    for path in sorted((ROOT / "configs" / "model").glob("*.yaml")):
-        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
-        if not path.stem.startswith("hybrid") and {"mixer": name} in defaults:
-            return [f"model={path.stem}"]
-    return [f"model/mixer={name}"]
+
+def compose_eval_cfg(overrides: list[str], output_dir: str | Path):
+    """Compose ``evaluate.yaml`` with overrides; ``paths.output_dir`` points at ``output_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
 
 
 def build_mixer(name: str, d_model: int, l_max: int, seed: int = 0) -> torch.nn.Module:

@@ -12,12 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 import serengeti.train  # noqa: F401  (registers the config resolvers the configs use)
-from conftest import CONFIG_DIR, ROOT, compose_cfg, tiny_overrides
+from conftest import ROOT, compose_cfg, compose_eval_cfg, tiny_overrides
 from serengeti.data.lm import TextFiles, TinyShakespeare
 from serengeti.data.sources import DataFileError
 from serengeti.evaluate.perplexity import EvalError
@@ -178,13 +175,7 @@ def test_unwritable_cache_dir_names_the_key(tmp_path):
 
 # -- evaluate.py settings ---------------------------------------------------------------------
 
-def eval_cfg(overrides: list[str], output_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
+eval_cfg = compose_eval_cfg
 
 
 BAD_EVAL = [

@@ -8,11 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
-from conftest import CONFIG_DIR, ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, compose_eval_cfg
 from serengeti.checkpoint import CheckpointError
 from serengeti.evaluate import EvalError
 from serengeti.evaluate.run import main as evaluate_main
@@ -20,13 +17,7 @@ from serengeti.evaluate.run import run as evaluate
 from serengeti.train import run as train
 
 
-def eval_cfg(overrides: list[str], output_dir: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
+eval_cfg = compose_eval_cfg
 
 
 _QUIET = ["logger=none", "trainer.enable_progress_bar=false", "~callbacks.rich_model_summary",

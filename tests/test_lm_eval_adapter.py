@@ -309,7 +309,7 @@ def _check(results: dict, want: dict) -> None:
 def test_evaluate_py_runs_local_tasks(exported_with_tasks, tmp_path):
     import json
 
-    from test_evaluate import eval_cfg
+    from conftest import compose_eval_cfg as eval_cfg
 
     from serengeti.evaluate.run import run as evaluate
 
@@ -345,7 +345,7 @@ def test_lm_eval_command_line_runs_local_tasks(exported_with_tasks, tmp_path):
 
 
 def test_evaluate_py_lm_eval_errors_are_one_line(exported_with_tasks, tmp_path):
-    from test_evaluate import eval_cfg
+    from conftest import compose_eval_cfg as eval_cfg
 
     from serengeti.evaluate.run import main as evaluate_main
 

@@ -161,7 +161,7 @@ def test_hostile_config_is_refused(exported, tmp_path):
 def test_evaluate_on_a_dataset_without_train_split(exported, tmp_path):
     """``evaluate.py ckpt=EXPORT dataset=wikitext2 split=test``: the local copy has no train split,
     and evaluation does not ask for one (training would: dataset.train_split=validation)."""
-    from test_evaluate import eval_cfg
+    from conftest import compose_eval_cfg as eval_cfg
 
     from serengeti.evaluate.run import run as evaluate
 

@@ -16,6 +16,7 @@ and :func:`model_config`; evaluation and conversion read configs that were fille
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -47,3 +48,20 @@ def model_config(cfg: DictConfig, *, vocab_size: int, l_max: int | None) -> dict
     """The plain, resolved ``model`` config of ``cfg`` after :func:`fill_from_dataset`: what
     :func:`serengeti.models.lm.build_model` takes."""
     return OmegaConf.to_container(fill_from_dataset(cfg, vocab_size=vocab_size, l_max=l_max).model, resolve=True)
+
+
+def mixer_names(config_dir: str | Path) -> list[str]:
+    """Every mixer, one per file of ``<config_dir>/model/mixer/`` (the one list tests and benchmarks use)."""
+    return sorted(p.stem for p in (Path(config_dir) / "model" / "mixer").glob("*.yaml"))
+
+
+def mixer_overrides(name: str, config_dir: str | Path) -> list[str]:
+    """``train.yaml`` overrides that select mixer ``name``: its own model preset (``configs/model/<x>.yaml``
+    whose defaults pick the mixer, hybrids aside), else the default backbone with ``model/mixer=<name>``."""
+    import yaml
+
+    for path in sorted((Path(config_dir) / "model").glob("*.yaml")):
+        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
+        if not path.stem.startswith("hybrid") and {"mixer": name} in defaults:
+            return [f"model={path.stem}"]
+    return [f"model/mixer={name}"]
