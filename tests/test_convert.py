@@ -316,3 +316,12 @@ def test_gpt2_sized_conversion_with_tokenizer(tmp_path, shared_data):
     ids = torch.tensor([[15496, 995]])
     want = lm_ref(sd, ids, [lambda p, x: hyena_ref(sd, p, x, 2, True)])[0, 0, :50257].log_softmax(-1)[995]
     assert lp == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_bad_flags_are_one_line(capsys):
+    from serengeti.convert import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--from", "nope", "in.pt", "out"])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "\n" not in err and "--from: invalid choice: 'nope'" in err

@@ -424,8 +424,15 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag is one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serengeti.convert", description=__doc__.split("\n\n")[0])
+    ap = _OneLineParser(prog="python -m serengeti.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("--from", dest="source_format", required=True, choices=sorted(CONVERTERS),
                     help="layout of the input checkpoint")
     ap.add_argument("input", help="reference checkpoint (.pt / .ckpt), read with torch.load(weights_only=True)")
