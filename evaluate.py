@@ -7,7 +7,7 @@
 
 Composes ``configs/evaluate.yaml`` and calls :func:`serengeti.evaluate.run.main`.
 """
-from serengeti.runtime import threads_from_config, use_passive_omp_wait
+from serengeti.runtime import run_hydra_entry, threads_from_config, use_passive_omp_wait
 
 use_passive_omp_wait()  # before torch loads: idle OpenMP threads sleep instead of spinning
 
@@ -24,4 +24,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_entry(main)  # Hydra's own errors (unknown key, unwritable run dir) in one line

@@ -108,3 +108,18 @@ def test_wandb_logger_is_offline_without_api_key(tmp_path, monkeypatch):
     cfg = compose_cfg(["logger=wandb"], output_dir=tmp_path)
     logger = instantiate(cfg.logger.wandb)  # the run itself starts lazily, on the first log call
     assert logger._offline and os.environ["WANDB_MODE"] == "offline"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model.nope=1", "config error: Could not override 'model.nope'. To append to your config use +model.nope=1"),
+    ("model=nope", "config error: In 'train': Could not find 'model/nope'; Available options in 'model': base; h3;"),
+])
+def test_hydra_composition_errors_are_one_line(tmp_path, override, expected):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), override, f"hydra.run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(expected), r.stderr
+    assert not (tmp_path / "run").exists()

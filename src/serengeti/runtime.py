@@ -9,6 +9,7 @@ run slows several-fold. The entry scripts (train.py, evaluate.py, standalone_cif
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 
 def use_passive_omp_wait() -> None:
@@ -44,3 +45,27 @@ def threads_from_config(cfg) -> int:
         return set_threads(cfg.get("threads"))
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
+
+
+def run_hydra_entry(entry: Callable[[], object]) -> None:
+    """Call a ``@hydra.main`` function so that Hydra's own errors end in one line too.
+
+    Hydra reports a key that does not exist, an unknown config option or an unwritable run dir over
+    several lines with a hint; here it raises instead (``HYDRA_FULL_ERROR=1``), and the error is said
+    in one line with exit status 1. serengeti's errors never get here (the task functions turn them
+    into ``SystemExit``). A user who sets ``HYDRA_FULL_ERROR`` or ``SERENGETI_DEBUG`` gets the traceback.
+    """
+    user_wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR") or os.environ.get("SERENGETI_DEBUG"))
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        entry()
+    except Exception as e:
+        if user_wants_trace:
+            raise
+        parts = [str(e)] + ([str(e.__cause__)] if e.__cause__ is not None else [])
+        lines = [line.strip() for part in parts for line in part.splitlines() if line.strip()]
+        if "Config search path:" in lines:  # Hydra's list of search paths is no help here
+            lines = lines[: lines.index("Config search path:")]
+        text = "; ".join(lines).replace(":; ", ": ").replace(".; ", ". ")
+        hydra_error = type(e).__module__.startswith(("hydra", "omegaconf"))
+        raise SystemExit(f"config error: {text}" if hydra_error else f"error: {type(e).__name__}: {text}") from None
