@@ -460,7 +460,7 @@ def parse_args(argv=None):
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                      help="torch device (default: cuda when available, else cpu); on CUDA the model runs in bf16 autocast, "
                           "the FFT convolution in float32")
-    run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the CPUs this process may use)")
+    run.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the CPUs this process may use)")
     run.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation and dropout")
     run.add_argument("--history", default=None,
                      help="write the per-epoch curve (seconds, CPU seconds, losses, test accuracy) and the flags as JSON here")
@@ -480,7 +480,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     # default: the CPUs this process may use (its affinity mask), not torch's count of the machine's cores
-    torch.set_num_threads(args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(args.threads or (int(omp) if omp.isdigit() and int(omp) > 0 else available))
     device = torch.device(args.device)
     try:  # before loading data, so a bad flag (e.g. --pool) stops at once with the model's one-line message
         model = LongConvClassifier(1 if args.grayscale else 3, d_model=args.d_model, n_layers=args.n_layers,

@@ -103,15 +103,19 @@ def test_accumulation_and_two_processes_match_the_full_batch(tmp_path):
 
 # --- shared machines: passive OpenMP waits, threads = the CPUs this process may use --------------------------
 
-def test_threads_default_to_the_affinity_mask():
+def test_threads_default_to_omp_num_threads_else_the_affinity_mask(monkeypatch):
     import torch
 
     from serengeti.runtime import available_cpus, set_threads
 
     n = torch.get_num_threads()
     try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert set_threads(None) == available_cpus() == len(os.sched_getaffinity(0)) == torch.get_num_threads()
         assert set_threads(1) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice wins over the affinity mask
+        torch.set_num_threads(n)
+        assert set_threads(None) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(n)
 

@@ -25,8 +25,18 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _omp_num_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as a positive integer, if the environment sets one."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
 def set_threads(threads: int | None, key: str = "threads") -> int:
-    """``torch.set_num_threads(threads)``; ``None`` = :func:`available_cpus`. Returns the count used.
+    """``torch.set_num_threads(threads)``; ``None`` = ``OMP_NUM_THREADS`` when the user set it, else
+    :func:`available_cpus`. Returns the count used.
 
     Raises ``ValueError`` naming ``key`` unless ``threads`` is None or an integer >= 1.
     """
@@ -34,7 +44,7 @@ def set_threads(threads: int | None, key: str = "threads") -> int:
         raise ValueError(f"{key}={threads!r}: expected an integer >= 1 or null (= the {available_cpus()} available CPUs)")
     import torch
 
-    n = threads or available_cpus()
+    n = threads or _omp_num_threads() or available_cpus()
     torch.set_num_threads(n)
     return n
 
