@@ -107,7 +107,12 @@ class ExactResume(pl.Callback):
             log.warning("resuming mid-epoch (%d batches done) with a training loader that cannot skip: the epoch's "
                         "data order restarts, so the run will not match an uninterrupted one", done)
             return
-        batch_size = trainer.train_dataloader.batch_size
+        batch_size = getattr(trainer.train_dataloader, "batch_size", None)
+        if not batch_size or self._pending["world_size"] != trainer.world_size:
+            log.warning("resuming mid-epoch with another batch layout (batch size %s, %d processes, checkpoint "
+                        "from %d): the epoch's data order restarts", batch_size, trainer.world_size,
+                        self._pending["world_size"])
+            return
         for sampler in samplers:
             sampler.skip_next(done * batch_size)
 
