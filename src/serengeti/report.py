@@ -119,7 +119,10 @@ def show(key: str, value: Any) -> str:
 
 
 def _fmt(x: float, digits: int = 4) -> str:
-    return "–" if x is None or math.isnan(x) else f"{x:.{digits}g}"
+    """``digits`` significant digits; whole numbers (steps, parameter counts) in full."""
+    if x is None or math.isnan(x):
+        return "–"
+    return str(int(x)) if float(x).is_integer() else f"{x:.{digits}g}"
 
 
 def markdown_table(groups: Sequence[Group], by: Sequence[str], metric: str) -> str:
