@@ -6,7 +6,8 @@ Written once per run, after the final validation and test, by :func:`write_run_r
     metrics          final metrics, {name: float} ("val/loss", "test/accuracy", ...)
     steps            optimizer steps taken
     wall_s           wall-clock seconds of fit + test
-    cpu_s            CPU seconds (user + system) of the training process up to the end of test
+    cpu_s            CPU seconds (user + system) of this run, from the config check to the end of test
+                     (not the whole process: a multirun runs its jobs one after another in one process)
     num_threads      torch intra-op threads the run used
     n_params         trainable parameters of the model
     git_commit       commit of the code (null outside a git checkout); git_dirty: uncommitted changes
@@ -50,7 +51,7 @@ def git_state(repo: Path = _REPO) -> tuple[str | None, bool | None]:
 
 
 def write_run_record(run_dir: str | os.PathLike, cfg: DictConfig, metrics: Mapping[str, float], *, steps: int,
-                     wall_s: float, n_params: int) -> Path:
+                     wall_s: float, cpu_s: float, n_params: int) -> Path:
     """Write ``config_resolved.yaml`` and ``metrics.json`` into ``run_dir``; returns the json's path."""
     run_dir = Path(run_dir)
     config_path = run_dir / RESOLVED_CONFIG_NAME
@@ -60,7 +61,7 @@ def write_run_record(run_dir: str | os.PathLike, cfg: DictConfig, metrics: Mappi
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
         "steps": int(steps),
         "wall_s": float(wall_s),
-        "cpu_s": process_cpu_seconds(),
+        "cpu_s": float(cpu_s),
         "num_threads": torch.get_num_threads(),
         "n_params": int(n_params),
         "git_commit": commit,

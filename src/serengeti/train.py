@@ -21,7 +21,7 @@ from serengeti.preemption import Preempted, Preemption
 from serengeti.registry import UnsafeConfigError
 from serengeti.resume import ExactResume
 from serengeti.run_config import fill_from_dataset
-from serengeti.run_record import write_run_record
+from serengeti.run_record import process_cpu_seconds, write_run_record
 from serengeti.scale import apply_global_batch
 from serengeti.tasks.lm import LMTask
 from serengeti.validate import ConfigError, check_config, remove_fresh_run_dir  # ConfigError re-exported here
@@ -81,6 +81,7 @@ def _callbacks(cfg: DictConfig, nan_policy: str) -> list[pl.Callback]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Train (and test) one configuration; returns the final metrics as floats."""
+    cpu_start = process_cpu_seconds()
     check_config(cfg)  # before seeding: seed=abc is a config error too
     pl.seed_everything(cfg.seed, workers=True)  # a resumed run gets its RNG states back at its first batch
     datamodule, task = prepare(cfg)
@@ -108,7 +109,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     metrics["time/fit_and_test_s"] = time.time() - start
     if trainer.is_global_zero:
         write_run_record(cfg.paths.output_dir, cfg, metrics, steps=trainer.global_step,
-                         wall_s=metrics["time/fit_and_test_s"], n_params=n_params)
+                         wall_s=metrics["time/fit_and_test_s"], cpu_s=process_cpu_seconds() - cpu_start,
+                         n_params=n_params)
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/")))
         log.info("final metrics: %s", summary)
         print(f"[serengeti] {summary} | steps={trainer.global_step} | wall={metrics['time/fit_and_test_s']:.1f}s")
