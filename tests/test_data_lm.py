@@ -137,19 +137,10 @@ def _write_docs(path: Path, n: int = 50) -> list[str]:
 
 
 def test_cache_roundtrip_and_corruption_rebuilds(tmp_path):
-    docs = ["hello world\n", "", "abc\n"]
-    tok = CharTokenizer.from_text("".join(docs), eos=True)
-    paths = cache_paths(tmp_path, "toy", "train", {"x": 1})
-    calls = []
-
-    def build():
-        calls.append(1)
-        return write_tokens(iter(docs), tok, paths, add_eos=True, spec={"x": 1}, batch_docs=2)
-
-    arr = ensure_tokens(paths, build)
-    assert arr.built and len(calls) == 1
-    expected = tok.encode_batch(["hello world\n"])[0] + [tok.eos_id] + tok.encode_batch(["abc\n"])[0] + [tok.eos_id]
-    assert np.asarray(arr.tokens).tolist() == expected and arr.meta["num_documents"] == 2
+    paths, build, expected, calls = _toy_cache(tmp_path)
+    arr = read_cache(paths)
+    assert len(calls) == 1 and arr.meta["num_documents"] == 2
+    assert np.asarray(arr.tokens).tolist() == expected
     assert not ensure_tokens(paths, build).built and len(calls) == 1
     with open(paths.bin, "r+b") as f:  # a truncated file must never be used
         f.truncate(4)
