@@ -351,6 +351,17 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def write_run_record(folder: str, args, history: list[dict], *, steps: int, n_params: int) -> None:
+    """``metrics.json`` and ``config_resolved.yaml`` (the flags) in ``folder``, in the layout train.py writes
+    (src/serengeti/run_record.py), so that ``python -m serengeti.report`` groups and aggregates these runs too."""
+    last = history[-1]
+    write_json_atomic(os.path.join(folder, "config_resolved.yaml"), vars(args))  # JSON is valid YAML
+    write_json_atomic(os.path.join(folder, "metrics.json"), {
+        "metrics": {"test/accuracy": last["test_acc"], "test/loss": last["test_loss"], "train/loss": last["train_loss"]},
+        "steps": steps, "wall_s": last["seconds"], "cpu_s": last["cpu_seconds"], "num_threads": torch.get_num_threads(),
+        "n_params": n_params, "git_commit": None, "git_dirty": None, "config": "config_resolved.yaml"})
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and appends each valued flag's default unless its help names one."""
 
@@ -397,7 +408,8 @@ LIMITS = {
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    """Refuse out-of-range flags, an unknown --device and an unwritable --history (``p.error``: one line, exit 2)."""
+    """Refuse out-of-range flags, an unknown --device and an unwritable --history or --run-dir (``p.error``: one line,
+    exit 2)."""
     for flag, (ok, expected) in LIMITS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and not ok(value):
@@ -408,14 +420,18 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"argument --device: expected cpu, cuda or cuda:<index>, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"argument --device: {args.device!r} but CUDA is not available here (use --device cpu)")
-    if args.history:
-        folder = os.path.dirname(os.path.abspath(args.history))
+    for flag, folder in (("--history", args.history and os.path.dirname(os.path.abspath(args.history))),
+                         ("--run-dir", args.run_dir)):
+        if not folder:
+            continue
         try:
+            if flag == "--run-dir":
+                os.makedirs(folder, exist_ok=True)
             fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
-            p.error(f"argument --history: cannot write into {folder} ({e.strerror or e})")
+            p.error(f"argument {flag}: cannot write into {folder} ({e.strerror or e})")
 
 
 def parse_args(argv=None):
@@ -464,6 +480,9 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation and dropout")
     run.add_argument("--history", default=None,
                      help="write the per-epoch curve (seconds, CPU seconds, losses, test accuracy) and the flags as JSON here")
+    run.add_argument("--run-dir", default=None,
+                     help="write metrics.json and config_resolved.yaml here, as train.py does for its runs, so that "
+                          "`python -m serengeti.report` aggregates seeds (created if missing)")
     run.add_argument("--eval-every", type=int, default=1,
                      help="test every N epochs (and after the last; each test pass costs ~40%% of a training epoch's images)")
     run.add_argument("--tta", action="store_true", help="test on the mean logits of each image and its mirror image")
@@ -527,6 +546,8 @@ def main(argv=None) -> dict:
                               f"  test loss {test_loss:.4f}  test acc {100 * test_acc:.2f}%" if tested else ""))
             if args.history:  # after every epoch, so an interrupted run still leaves its curve
                 write_json_atomic(args.history, {"args": vars(args), "history": history})
+    if args.run_dir:
+        write_run_record(args.run_dir, args, history, steps=args.epochs * steps_per_epoch, n_params=n_params)
     console.print(f"final test accuracy: {100 * history[-1]['test_acc']:.2f}% after {args.epochs} epochs, "
                   f"{history[-1]['seconds']:.0f}s")
     return {"history": history, "test_acc": history[-1]["test_acc"], "model": model}

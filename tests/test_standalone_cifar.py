@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -297,6 +298,22 @@ def test_training_learns_the_toy_task_and_is_seeded(synthetic_npz, tmp_path):
     assert [r["test_acc"] for r in saved["history"]] == [r["test_acc"] for r in first["history"]]
 
 
+def test_run_dirs_of_two_seeds_aggregate_in_the_report(synthetic_npz, tmp_path):
+    from serengeti.report import find_runs, group_runs, mean_std
+
+    results = [sc.main(["--data", str(synthetic_npz), "--epochs", "1", "--seed", str(seed), *TINY,
+                        "--run-dir", str(tmp_path / "sweep" / f"seed{seed}")]) for seed in (1, 2)]
+    runs = find_runs([tmp_path / "sweep"])
+    assert sorted(run.value("seed") for run in runs) == [1, 2]
+    (group,) = group_runs(runs, ["epochs", "d_model"])
+    accuracies = [r["test_acc"] for r in results]
+    assert sorted(group.values("test/accuracy")) == sorted(accuracies)
+    mean, std = mean_std(group.values("test/accuracy"))
+    assert mean == pytest.approx(sum(accuracies) / 2)
+    record = json.loads((tmp_path / "sweep" / "seed1" / "metrics.json").read_text())
+    assert record["steps"] == math.ceil(192 / 16) and record["n_params"] > 0  # 192 toy training images, batch 16
+
+
 def test_cpu_recipe_flags_learn_the_toy_task(synthetic_npz):
     """The 2-core recipe's model (decay init, pooling after the first layer, mirror-averaged tests), small."""
     argv = ["--data", str(synthetic_npz), "--epochs", "2", "--seed", "3", *TINY, "--n-layers", "2", "--pool", "4",
@@ -394,6 +411,7 @@ BAD_FLAGS = [
     (["--device", "nonsense"], "argument --device: expected cpu, cuda or cuda:<index>, got 'nonsense'"),
     (["--epochs", "abc"], "argument --epochs: invalid int value: 'abc'"),
     (["--history", "/proc/no/such/dir/h.json"], "argument --history: cannot write into /proc/no/such/dir"),
+    (["--run-dir", "/proc/no/such/dir"], "argument --run-dir: cannot write into /proc/no/such/dir"),
 ]
 
 
