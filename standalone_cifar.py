@@ -420,8 +420,9 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"argument --device: expected cpu, cuda or cuda:<index>, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"argument --device: {args.device!r} but CUDA is not available here (use --device cpu)")
-    for flag, folder in (("--history", args.history and os.path.dirname(os.path.abspath(args.history))),
-                         ("--run-dir", args.run_dir)):
+    # --run-dir first: it is created, and --history may point inside it
+    for flag, folder in (("--run-dir", args.run_dir),
+                         ("--history", args.history and os.path.dirname(os.path.abspath(args.history)))):
         if not folder:
             continue
         try:

@@ -302,7 +302,8 @@ def test_run_dirs_of_two_seeds_aggregate_in_the_report(synthetic_npz, tmp_path):
     from serengeti.report import find_runs, group_runs, mean_std
 
     results = [sc.main(["--data", str(synthetic_npz), "--epochs", "1", "--seed", str(seed), *TINY,
-                        "--run-dir", str(tmp_path / "sweep" / f"seed{seed}")]) for seed in (1, 2)]
+                        "--run-dir", str(tmp_path / "sweep" / f"seed{seed}"),  # created; --history may sit inside
+                        "--history", str(tmp_path / "sweep" / f"seed{seed}" / "curve.json")]) for seed in (1, 2)]
     runs = find_runs([tmp_path / "sweep"])
     assert sorted(run.value("seed") for run in runs) == [1, 2]
     (group,) = group_runs(runs, ["epochs", "d_model"])
