@@ -85,6 +85,23 @@ def test_bad_input_is_one_line(fake_multirun, tmp_path, capsys):
         find_runs([tmp_path / "multirun" / "6"])
 
 
+def test_embed_replaces_only_its_block(fake_multirun, tmp_path, capsys):
+    doc = tmp_path / "experiments.md"
+    doc.write_text("intro\n<!-- report:acc -->\nold table\n<!-- /report:acc -->\nbetween\n"
+                   "<!-- report:other -->\nkept\n<!-- /report:other -->\n")
+    argv = [str(fake_multirun), "--by", "model.mixer._target_", "--metric", "test/accuracy", "--out", str(tmp_path / "o"),
+            "--name", "acc", "--embed", str(doc)]
+    assert main(argv) == 0
+    table = (tmp_path / "o" / "acc.md").read_text()
+    assert doc.read_text() == ("intro\n<!-- report:acc -->\n" + table + "<!-- /report:acc -->\nbetween\n"
+                               "<!-- report:other -->\nkept\n<!-- /report:other -->\n")
+    assert main(argv) == 0 and doc.read_text().count(table) == 1  # idempotent
+    capsys.readouterr()
+    assert main([*argv[:-3], "missing", "--embed", str(doc)]) == 2  # no block named "missing"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"report: --embed {doc}: expected one block from the line '<!-- report:missing -->'") and "\n" not in err
+
+
 def test_real_sweep_end_to_end(tmp_path):
     """train.py -m seed=1,2 (tiny, 4 steps) writes metrics.json per job; the report aggregates both."""
     sweep = tmp_path / "sweep"

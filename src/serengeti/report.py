@@ -19,12 +19,17 @@ Writes into ``--out``:
 
 ``--ref VALUE[:LABEL]`` draws an external number (e.g. ``1.88:nanoGPT``) as a dashed line on the
 metric's plots.
+
+``--embed FILE`` also puts the table into ``FILE`` (e.g. experiments.md) between the lines
+``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``, replacing what was there, so that a document's
+tables are regenerated from the runs and never typed by hand.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +37,7 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
+from serengeti.atomic import atomic_write_text
 from serengeti.run_record import RECORD_NAME, RESOLVED_CONFIG_NAME, read_run_record
 
 
@@ -243,6 +249,22 @@ def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str
     return written
 
 
+def embed_table(document: str | Path, name: str, table: str) -> None:
+    """Replace the lines between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` of ``document`` with
+    ``table`` (written atomically). Raises :class:`ReportError` when the file or the marker pair is missing."""
+    path = Path(document)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ReportError(f"--embed {path}: cannot read it ({e.strerror or e})") from None
+    begin, end = f"<!-- report:{name} -->", f"<!-- /report:{name} -->"
+    pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end), re.DOTALL)
+    if len(pattern.findall(text)) != 1:
+        raise ReportError(f"--embed {path}: expected one block from the line '{begin}' to the line '{end}' "
+                          f"(--name sets NAME)")
+    atomic_write_text(path, pattern.sub(lambda _: f"{begin}\n{table}{end}", text))
+
+
 def parse_ref(text: str | None) -> tuple[float, str] | None:
     """``"1.88:nanoGPT"`` -> ``(1.88, "nanoGPT")``; a bare number gets the label ``reference``."""
     if text is None:
@@ -264,11 +286,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default: the metric)")
     parser.add_argument("--ref", default=None, help="VALUE[:LABEL]: a dashed reference line for the metric, e.g. 1.88:nanoGPT")
+    parser.add_argument("--embed", default=None, metavar="FILE",
+                        help="also write the table into FILE between '<!-- report:NAME -->' and '<!-- /report:NAME -->'")
     args = parser.parse_args(argv)
     by = [k for k in args.by.split(",") if k]
     try:
         written = report(args.dirs, by, args.metric, args.out, x=args.x, curve=args.curve, name=args.name,
                          ref=parse_ref(args.ref))
+        if args.embed:
+            embed_table(args.embed, written["table"].stem, written["table"].read_text())
     except ReportError as e:
         print(f"report: {e}", file=sys.stderr)
         return 2
