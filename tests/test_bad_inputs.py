@@ -194,6 +194,13 @@ BAD_EVAL = [
     ("device=nonsense", r"device='nonsense': expected auto, cpu, cuda or cuda:<index>"),
     ("num_fewshot=-1", r"num_fewshot=-1: expected an integer >= 0"),
     ("limit=0", r"limit=0: expected a number > 0"),
+    ("position_buckets=[64,8]", r"position_buckets=\[64, 8\]: expected a list of increasing positive integers"),
+    ("position_buckets=[8,8]", r"position_buckets=\[8, 8\]: expected a list of increasing positive integers"),
+    ("position_buckets=[0]", r"position_buckets=\[0\]: expected a list of increasing positive integers"),
+    ("position_buckets=[]", r"position_buckets=\[\]: expected a list of increasing positive integers"),
+    ("position_buckets=[8.5]", r"position_buckets=\[8.5\]: expected a list of increasing positive integers"),
+    ("position_buckets=abc", r"position_buckets='abc': expected a list of increasing positive integers"),
+    ("position_buckets=8", r"position_buckets=8: expected a list of increasing positive integers"),
 ]
 
 
@@ -226,6 +233,17 @@ def test_unwritable_output_fails_before_the_model_is_loaded(tmp_path, monkeypatc
     with pytest.raises(LoadAttempted):
         evaluate(eval_cfg(["ckpt=x.ckpt", f"out={tmp_path / 'new' / 'deeper' / 'm.json'}"], tmp_path))
     assert not (tmp_path / "new").exists()
+
+
+def test_bad_position_buckets_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
+    def load_model(*args, **kwargs):
+        raise LoadAttempted
+
+    monkeypatch.setattr("serengeti.evaluate.run.load_model", load_model)
+    with pytest.raises(EvalError, match=r"^position_buckets=\[64, 8\]: expected a list of increasing positive integers"):
+        evaluate(eval_cfg(["ckpt=x.ckpt", "position_buckets=[64,8]"], tmp_path))
+    with pytest.raises(LoadAttempted):
+        evaluate(eval_cfg(["ckpt=x.ckpt", "position_buckets=[8,32,64]"], tmp_path))
 
 
 # -- the command lines ------------------------------------------------------------------------

@@ -121,6 +121,59 @@ def test_char_model_text_in_text_out(shared_data, tmp_path):
                            f"dataset.tokenizer={shared_data / 'gpt2'}", "dataset.train_split=null"], tmp_path / "w"))
 
 
+def test_loss_by_position_matches_a_plain_forward_pass(tmp_path):
+    """position_buckets: each val/loss_pos_* equals the per-target cross-entropy of a plain forward pass,
+    bucketed by hand over the scored targets (sliding windows mask the first targets of all windows but
+    the first, the last window is padded); their token-weighted mean is val/loss."""
+    import random
+
+    import torch
+    import torch.nn.functional as F
+
+    from serengeti.checkpoint import load_model
+    from serengeti.evaluate.perplexity import build_datamodule
+
+    rng = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "off", "to", "see", "dog"]
+    for name, n in (("train.txt", 400), ("valid.txt", 90)):
+        (tmp_path / name).write_text(" ".join(rng.choice(words) for _ in range(n)) + "\n")
+    _, ckpt = _train(tmp_path, ["dataset=text_files", f"dataset.train={tmp_path / 'train.txt'}",
+                                f"dataset.validation={tmp_path / 'valid.txt'}", "dataset.tokenizer=char",
+                                "dataset.seq_len=32", "dataset.eval_stride=24", "dataset.batch_size=4",
+                                "trainer.max_steps=2", "trainer.limit_train_batches=2",
+                                f"paths.cache_dir={tmp_path / 'cache'}", "model=transformer", "model.d_model=16"])
+    buckets = [4, 10, 20, 40]  # [40, end) lies past the 32-token window: no scored target, not reported
+    res = evaluate(eval_cfg([f"ckpt={ckpt}", "batch_size=3", f"position_buckets=[{','.join(map(str, buckets))}]"],
+                            tmp_path / "e"))
+
+    model, ckpt_cfg, _ = load_model(ckpt, load_tokenizer=False)
+    dm = build_datamodule(ckpt_cfg["dataset"], 3)
+    dm.prepare_data()
+    dm.setup("validate")
+    edges = [0, *buckets, float("inf")]
+    total, count = [0.0] * (len(edges) - 1), [0] * (len(edges) - 1)
+    with torch.no_grad():
+        for inputs, targets in dm.val_dataloader():
+            ce = F.cross_entropy(model(inputs).float().transpose(1, 2), targets, reduction="none")  # (B, L)
+            for b, t in zip(*torch.nonzero(targets != -100, as_tuple=True)):
+                j = next(j for j in range(len(edges) - 1) if edges[j] <= t < edges[j + 1])
+                total[j] += float(ce[b, t])
+                count[j] += 1
+    assert count[0] > 0 and count[-1] == 0 and sum(count) == len(dm.role_tokens("val")) - 1  # each target once
+    expected = {f"val/loss_pos_{a}_{b}": tot / n for a, b, tot, n in zip([0, *buckets], [*buckets, "end"], total, count)
+                if n > 0}
+    assert {k for k in res if k.startswith("val/loss_pos_")} == set(expected) == \
+        {"val/loss_pos_0_4", "val/loss_pos_4_10", "val/loss_pos_10_20", "val/loss_pos_20_40"}
+    for key, value in expected.items():
+        assert res[key] == pytest.approx(value, abs=1e-6), key
+    weighted = sum(res[f"val/loss_pos_{a}_{b}"] * n for a, b, n in zip([0, *buckets], buckets, count))
+    assert weighted / sum(count) == pytest.approx(res["val/loss"], abs=1e-6)
+    saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert saved["val/loss_pos_0_4"] == res["val/loss_pos_0_4"]
+    plain = evaluate(eval_cfg([f"ckpt={ckpt}", "batch_size=3"], tmp_path / "p"))
+    assert plain["val/loss"] == res["val/loss"] and not any(k.startswith("val/loss_pos_") for k in plain)
+
+
 def test_main_exits_with_the_message(tmp_path):
     with pytest.raises(SystemExit, match="error: checkpoint not found: .*none.ckpt"):
         evaluate_main(eval_cfg([f"ckpt={tmp_path / 'none.ckpt'}"], tmp_path))

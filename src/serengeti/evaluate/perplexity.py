@@ -42,6 +42,23 @@ def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = No
         raise EvalError(str(e) if str(e).startswith("dataset") else f"dataset: {e}") from e
 
 
+def check_position_buckets(value: Any) -> list[int] | None:
+    """``value`` as a list of ints, or ``None``; :class:`EvalError` unless it is null or a non-empty
+    list of increasing positive integers (``position_buckets``: boundaries of positions in the window)."""
+    if value is None:
+        return None
+    from omegaconf import OmegaConf
+
+    shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    ok = isinstance(shown, (list, tuple)) and len(shown) > 0 \
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in shown) \
+        and all(a < b for a, b in zip(shown, shown[1:]))
+    if not ok:
+        raise EvalError(f"position_buckets={shown!r}: expected a list of increasing positive integers, "
+                        "e.g. [8,32,128] (or null)")
+    return list(shown)
+
+
 def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any], max_seq_len: int | None = None) -> None:
     """Raise :class:`EvalError` if the dataset's vocabulary or length does not fit the checkpoint.
 
@@ -81,19 +98,23 @@ def _trainer(device: str, precision: str) -> pl.Trainer:
 
 
 def evaluate_model(model: torch.nn.Module, ckpt_cfg: Mapping[str, Any], datamodule, *, split: str = "val",
-                   device: str = "auto", precision: str = "32-true") -> dict[str, float]:
+                   device: str = "auto", precision: str = "32-true",
+                   position_buckets: list[int] | None = None) -> dict[str, float]:
     """``{"<split>/loss", "<split>/perplexity", "<split>/accuracy"}`` of ``model`` on ``datamodule``.
 
     Args:
         model: the LM (eval mode is set by Lightning). ckpt_cfg: its plain config (``model`` etc.).
         datamodule: built from a ``dataset`` config. split: ``val`` or ``test``.
+        position_buckets: increasing boundaries ``[b1, ..., bk]``; adds ``<split>/loss_pos_0_b1``, ...,
+            ``<split>/loss_pos_bk_end``: the mean loss over the scored targets at those positions of
+            the window (:class:`~serengeti.tasks.lm.LMTask`; buckets without scored targets are left out).
     """
     if split not in SPLITS:
         raise EvalError(f"split={split!r} must be one of {SPLITS}")
     from serengeti.tasks.lm import LMTask
 
     check_compatible(datamodule, ckpt_cfg, getattr(model, "max_seq_len", ckpt_cfg["model"].get("l_max")))
-    task = LMTask(dict(ckpt_cfg), model=model)
+    task = LMTask(dict(ckpt_cfg), model=model, position_buckets=check_position_buckets(position_buckets))
     trainer = _trainer(device, precision)
     run = trainer.validate if split == "val" else trainer.test
     roles = getattr(datamodule, "roles", None)

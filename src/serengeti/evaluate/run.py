@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from serengeti.checkpoint import CheckpointError, export, load_model
 from serengeti.atomic import atomic_write_text
 from serengeti.evaluate import EvalError
-from serengeti.evaluate.perplexity import build_datamodule, evaluate_model
+from serengeti.evaluate.perplexity import build_datamodule, check_position_buckets, evaluate_model
 from serengeti.generation import generate
 from serengeti.validate import ConfigError, Rule, check_choice, check_rule, lightning_precisions, remove_fresh_run_dir
 
@@ -51,6 +51,7 @@ def check_settings(cfg: DictConfig) -> None:
         check_choice(cfg, "precision", lightning_precisions() or (cfg.precision,))
     except ConfigError as e:
         raise EvalError(str(e)) from None
+    check_position_buckets(cfg.get("position_buckets"))
     _device(cfg)
     task = cfg.get("task")
     if task in ("evaluate", "lm_eval"):
@@ -138,7 +139,8 @@ def _only_split(dataset_cfg: dict, split: str) -> dict:
 
 
 def task_evaluate(cfg: DictConfig) -> dict:
-    """Loss, perplexity and accuracy on ``split`` of the dataset (the checkpoint's unless ``dataset=`` is given)."""
+    """Loss, perplexity and accuracy on ``split`` of the dataset (the checkpoint's unless ``dataset=`` is given),
+    and with ``position_buckets`` the loss per bucket of positions in the window."""
     path = _ckpt(cfg)
     model, ckpt_cfg, _ = load_model(path, load_tokenizer=False)
     if cfg.get("dataset") is not None:
@@ -150,7 +152,7 @@ def task_evaluate(cfg: DictConfig) -> dict:
     start = time.time()
     datamodule = build_datamodule(_only_split(dataset_cfg, str(cfg.split)), cfg.get("batch_size"))
     metrics = evaluate_model(model, ckpt_cfg, datamodule, split=cfg.split, device=_device(cfg),
-                             precision=str(cfg.precision))
+                             precision=str(cfg.precision), position_buckets=cfg.get("position_buckets"))
     result = {"ckpt": path, "dataset": dataset_cfg.get("_target_"), "split": cfg.split, **metrics,
               "wall_s": time.time() - start}
     _print_table(f"{Path(path).name} on {str(dataset_cfg.get('_target_')).rsplit('.', 1)[-1]} ({cfg.split})", metrics)

@@ -18,14 +18,18 @@ log = logging.getLogger("serengeti")
 
 
 class _Mean(torchmetrics.Metric):
-    """Token-weighted mean of a per-token quantity (sum / count), synced across ranks."""
+    """Token-weighted mean of a per-token quantity (sum / count), synced across ranks.
+
+    ``size``: ``()`` for one mean, ``(K,)`` for K means kept side by side (``total`` and ``count``
+    then have shape ``(K,)``, and so does :meth:`compute`).
+    """
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, size: tuple[int, ...] = ()) -> None:
         super().__init__()
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, total: torch.Tensor, count: torch.Tensor) -> None:
         self.total += total.detach().double()
@@ -33,6 +37,40 @@ class _Mean(torchmetrics.Metric):
 
     def compute(self) -> torch.Tensor:
         return self.total / self.count.clamp_min(1)
+
+
+class _Sums(_Mean):
+    """A :class:`_Mean` whose :meth:`compute` returns the synced ``(total, count)``, so empty entries can be told apart."""
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.total, self.count
+
+
+def position_bucket_names(buckets: list[int]) -> list[str]:
+    """``[8, 32]`` -> ``["0_8", "8_32", "32_end"]``: the suffixes of the ``<split>/loss_pos_*`` metrics."""
+    edges = [0, *buckets]
+    return [f"{a}_{b}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}_end"]
+
+
+def position_loss_sums(token_ce: torch.Tensor, mask: torch.Tensor, buckets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and scored-target count per bucket of positions in the window.
+
+    Args:
+        token_ce: ``(B, L)`` per-target cross-entropy. mask: ``(B, L)`` bool, True where the target is scored.
+        buckets: increasing positive boundaries ``[b1, ..., bk]``; bucket ``j`` holds the positions
+            ``t`` (target index in the window, 0 = predicted from one input token) with
+            ``edges[j] <= t < edges[j + 1]``, ``edges = [0, b1, ..., bk, inf]``.
+
+    Returns:
+        ``(total, count)``, each ``(k + 1,)`` float64.
+    """
+    L = token_ce.shape[1]
+    per_pos = torch.where(mask, token_ce.double(), 0.0).sum(0)  # (L,)
+    per_pos_count = mask.sum(0).double()  # (L,)
+    bucket = torch.bucketize(torch.arange(L, device=token_ce.device),
+                             torch.tensor(buckets, device=token_ce.device), right=True)  # (L,) in [0, k]
+    zeros = torch.zeros(len(buckets) + 1, dtype=torch.float64, device=token_ce.device)
+    return zeros.index_add(0, bucket, per_pos), zeros.index_add(0, bucket, per_pos_count)
 
 
 class LMTask(pl.LightningModule):
@@ -46,9 +84,14 @@ class LMTask(pl.LightningModule):
             ``scheduler`` and ``trainer``; stored in the checkpoint so the model can be rebuilt.
         model: an already built (e.g. loaded) LM to wrap instead of building one from ``cfg["model"]``
             (evaluate.py reuses this class's metrics on a loaded checkpoint).
+        position_buckets: increasing positive boundaries ``[b1, ..., bk]`` of target positions in
+            the window (see :func:`position_loss_sums`); validation/test then also log the loss per
+            bucket, ``{val,test}/loss_pos_0_b1``, ..., ``/loss_pos_bk_end``, leaving out buckets
+            with no scored target. ``None`` (the default, training): not computed.
     """
 
-    def __init__(self, cfg: dict[str, Any], model: LMHeadModel | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any], model: LMHeadModel | None = None,
+                 position_buckets: list[int] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
@@ -56,13 +99,24 @@ class LMTask(pl.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {f"{split}_{m}": _Mean() for split in ("val", "test") for m in ("loss", "accuracy")}
         )
+        self.position_buckets = None if position_buckets is None else [int(b) for b in position_buckets]
+        if self.position_buckets is not None:
+            b = self.position_buckets
+            if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:])):
+                raise ValueError(f"position_buckets={position_buckets!r}: expected a list of increasing positive integers")
+            for split in ("val", "test"):
+                self.metrics[f"{split}_loss_pos"] = _Sums((len(b) + 1,))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
     def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         inputs, targets = batch
-        logits = self.model(inputs).float()
+        return self._score(self.model(inputs).float(), targets)
+
+    @staticmethod
+    def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``logits`` ``(B, L, V)`` float, ``targets`` ``(B, L)`` -> summed CE, scored count, correct count, mean CE."""
         ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         mask = targets != IGNORE_INDEX
         count = mask.sum()
@@ -89,15 +143,29 @@ class LMTask(pl.LightningModule):
         return loss
 
     def _eval_step(self, batch, split: str) -> None:
-        ce, count, correct, _ = self._loss(batch)
+        inputs, targets = batch
+        logits = self.model(inputs).float()
+        ce, count, correct, _ = self._score(logits, targets)
         self.metrics[f"{split}_loss"].update(ce, count)
         self.metrics[f"{split}_accuracy"].update(correct.to(ce.dtype), count)
+        if self.position_buckets is not None:
+            token_ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="none").view_as(targets)
+            self.metrics[f"{split}_loss_pos"].update(
+                *position_loss_sums(token_ce, targets != IGNORE_INDEX, self.position_buckets))
 
     def _eval_epoch_end(self, split: str) -> None:
         loss = self.metrics[f"{split}_loss"].compute()
         acc = self.metrics[f"{split}_accuracy"].compute()
-        self.log_dict({f"{split}/loss": loss.float(), f"{split}/perplexity": torch.exp(loss.clamp(max=80)).float(),
-                       f"{split}/accuracy": acc.float()}, prog_bar=split == "val", sync_dist=False)
+        logged = {f"{split}/loss": loss.float(), f"{split}/perplexity": torch.exp(loss.clamp(max=80)).float(),
+                  f"{split}/accuracy": acc.float()}
+        if self.position_buckets is not None:
+            totals, counts = self.metrics[f"{split}_loss_pos"].compute()
+            for name, total, n in zip(position_bucket_names(self.position_buckets), totals, counts):
+                if n > 0:  # a bucket without scored targets (e.g. past the window's end) is left out
+                    logged[f"{split}/loss_pos_{name}"] = (total / n).float()
+            self.metrics[f"{split}_loss_pos"].reset()
+        self.log_dict(logged, prog_bar=split == "val", sync_dist=False)
         self.metrics[f"{split}_loss"].reset()
         self.metrics[f"{split}_accuracy"].reset()
 
