@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from serengeti.report import ReportError, find_runs, group_runs, main, mean_curve, mean_std, report
+from serengeti.report import ReportError, find_runs, group_runs, main, mean_curve, mean_std, report, select_runs
 from serengeti.atomic import atomic_write_text
 from serengeti.run_record import RECORD_NAME
 
@@ -83,6 +83,20 @@ def test_bad_input_is_one_line(fake_multirun, tmp_path, capsys):
     assert "--ref expects VALUE[:LABEL]" in capsys.readouterr().err
     with pytest.raises(ReportError, match="no metrics.json"):
         find_runs([tmp_path / "multirun" / "6"])
+
+
+def test_where_keeps_matching_runs(fake_multirun, tmp_path, capsys):
+    runs = find_runs([fake_multirun])
+    hyena20 = select_runs(runs, ["model.mixer._target_=serengeti.mixers.Hyena", "dataset.vocab_size=20"])
+    assert [(r.value("model.mixer._target_"), r.value("dataset.vocab_size")) for r in hyena20] == [("serengeti.mixers.Hyena", 20)]
+    assert len(select_runs(runs, ["dataset.vocab_size=10"])) == 5
+    written = report([fake_multirun], ["model.mixer._target_"], "test/accuracy", tmp_path / "o", where=["dataset.vocab_size=10"])
+    assert [line.split(" | ")[2] for line in written["table"].read_text().splitlines()[2:]] == ["2", "3"]  # n per mixer
+    for bad, message in ((["vocab"], "--where expects KEY=VALUE, got 'vocab'"),
+                         (["dataset.vocab_size=99"], "--where dataset.vocab_size=99: no run matches")):
+        assert main([str(fake_multirun), "--metric", "test/accuracy", "--out", str(tmp_path / "o"),
+                     *[a for w in bad for a in ("--where", w)]]) == 2
+        assert capsys.readouterr().err.strip() == f"report: {message}"
 
 
 def test_embed_replaces_only_its_block(fake_multirun, tmp_path, capsys):

@@ -17,6 +17,9 @@ Writes into ``--out``:
 * ``NAME_curves.png`` (with ``--curve METRIC``): that metric against the step from each run's CSV
   log (``csv/version_*/metrics.csv``), mean over the group's runs, one line per group.
 
+``--where KEY=VALUE`` (repeatable) keeps only the runs whose config has that value at ``KEY`` (compared
+as text, e.g. ``--where dataset.vocab_size=20``).
+
 ``--ref VALUE[:LABEL]`` draws an external number (e.g. ``1.88:nanoGPT``) as a dashed line on the
 metric's plots.
 
@@ -102,6 +105,19 @@ def find_runs(roots: Sequence[str | Path]) -> list[Run]:
     if not runs:
         raise ReportError(f"no {RECORD_NAME} found under {', '.join(map(str, roots))}")
     return runs
+
+
+def select_runs(runs: Sequence[Run], where: Sequence[str]) -> list[Run]:
+    """The runs whose config value at each ``KEY`` of the ``KEY=VALUE`` filters ``where`` reads ``VALUE``."""
+    kept = list(runs)
+    for condition in where:
+        key, sep, value = condition.partition("=")
+        if not sep or not key:
+            raise ReportError(f"--where expects KEY=VALUE, got {condition!r}")
+        kept = [r for r in kept if str(r.value(key)) == value]
+    if runs and not kept:
+        raise ReportError(f"--where {' '.join(where)}: no run matches")
+    return kept
 
 
 def group_runs(runs: Sequence[Run], by: Sequence[str]) -> list[Group]:
@@ -226,9 +242,11 @@ def _finish(fig, ax, metric: str, ref: tuple[float, str] | None, out: Path) -> N
 
 
 def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str | Path, *, x: str | None = None,
-           curve: str | None = None, name: str | None = None, ref: tuple[float, str] | None = None) -> dict[str, Path]:
-    """Write the table (and figures) for the runs under ``roots``; returns ``{kind: path}``."""
-    runs = find_runs(roots)
+           curve: str | None = None, name: str | None = None, ref: tuple[float, str] | None = None,
+           where: Sequence[str] = ()) -> dict[str, Path]:
+    """Write the table (and figures) for the runs under ``roots`` that pass the ``where`` filters
+    (:func:`select_runs`); returns ``{kind: path}``."""
+    runs = select_runs(find_runs(roots), where)
     if not any(metric in r.record["metrics"] for r in runs):
         known = sorted({m for r in runs for m in r.record["metrics"]})
         raise ReportError(f"--metric {metric!r} is in no run's metrics.json (they have: {', '.join(known)})")
@@ -286,13 +304,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--name", default=None, help="file stem of the outputs (default: the metric)")
     parser.add_argument("--ref", default=None, help="VALUE[:LABEL]: a dashed reference line for the metric, e.g. 1.88:nanoGPT")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep only runs whose config has VALUE at KEY (repeatable), e.g. dataset.vocab_size=20")
     parser.add_argument("--embed", default=None, metavar="FILE",
                         help="also write the table into FILE between '<!-- report:NAME -->' and '<!-- /report:NAME -->'")
     args = parser.parse_args(argv)
     by = [k for k in args.by.split(",") if k]
     try:
         written = report(args.dirs, by, args.metric, args.out, x=args.x, curve=args.curve, name=args.name,
-                         ref=parse_ref(args.ref))
+                         ref=parse_ref(args.ref), where=args.where)
         if args.embed:
             embed_table(args.embed, written["table"].stem, written["table"].read_text())
     except ReportError as e:
