@@ -43,20 +43,14 @@ def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = No
 
 
 def check_position_buckets(value: Any) -> list[int] | None:
-    """``value`` as a list of ints, or ``None``; :class:`EvalError` unless it is null or a non-empty
-    list of increasing positive integers (``position_buckets``: boundaries of positions in the window)."""
-    if value is None:
-        return None
-    from omegaconf import OmegaConf
+    """:func:`serengeti.tasks.lm.check_position_buckets` with its error as an :class:`EvalError`, so that
+    evaluate.py can refuse a bad ``position_buckets`` before loading the model."""
+    from serengeti.tasks.lm import check_position_buckets as check
 
-    shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    ok = isinstance(shown, (list, tuple)) and len(shown) > 0 \
-        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in shown) \
-        and all(a < b for a, b in zip(shown, shown[1:]))
-    if not ok:
-        raise EvalError(f"position_buckets={shown!r}: expected a list of increasing positive integers, "
-                        "e.g. [8,32,128] (or null)")
-    return list(shown)
+    try:
+        return check(value)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 
 def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any], max_seq_len: int | None = None) -> None:

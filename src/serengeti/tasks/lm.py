@@ -46,6 +46,23 @@ class _Sums(_Mean):
         return self.total, self.count
 
 
+def check_position_buckets(value: Any) -> list[int] | None:
+    """``value`` (a list or an OmegaConf list) as a plain list of ints, or ``None``; ``ValueError`` unless it
+    is null or a non-empty list of increasing positive integers (boundaries of positions in the window)."""
+    if value is None:
+        return None
+    from omegaconf import OmegaConf
+
+    shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    ok = isinstance(shown, (list, tuple)) and len(shown) > 0 \
+        and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in shown) \
+        and all(a < b for a, b in zip(shown, shown[1:]))
+    if not ok:
+        raise ValueError(f"position_buckets={shown!r}: expected a list of increasing positive integers, "
+                         "e.g. [8,32,128] (or null)")
+    return list(shown)
+
+
 def position_bucket_names(buckets: list[int]) -> list[str]:
     """``[8, 32]`` -> ``["0_8", "8_32", "32_end"]``: the suffixes of the ``<split>/loss_pos_*`` metrics."""
     edges = [0, *buckets]
@@ -99,13 +116,10 @@ class LMTask(pl.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {f"{split}_{m}": _Mean() for split in ("val", "test") for m in ("loss", "accuracy")}
         )
-        self.position_buckets = None if position_buckets is None else [int(b) for b in position_buckets]
+        self.position_buckets = check_position_buckets(position_buckets)
         if self.position_buckets is not None:
-            b = self.position_buckets
-            if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:])):
-                raise ValueError(f"position_buckets={position_buckets!r}: expected a list of increasing positive integers")
             for split in ("val", "test"):
-                self.metrics[f"{split}_loss_pos"] = _Sums((len(b) + 1,))
+                self.metrics[f"{split}_loss_pos"] = _Sums((len(self.position_buckets) + 1,))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
