@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, compose_cfg
 from serengeti.accelerator import cuda_problem
-from serengeti.progress import StepProgressBar
+from serengeti.progress import LogProgress, StepProgressBar, format_duration, progress_bar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,8 +71,62 @@ def test_epoch_bounded_run_keeps_the_epoch_bar(tmp_path):
     assert (task.completed, task.total) == (6, 6), "batches of the epoch"
 
 
-def test_default_callbacks_select_the_step_bar():
-    assert compose_cfg([]).callbacks.rich_progress_bar._target_ == "serengeti.progress.StepProgressBar"
+def test_default_callbacks_select_the_bar_by_terminal(monkeypatch):
+    cfg = compose_cfg([]).callbacks.rich_progress_bar
+    assert cfg._target_ == "serengeti.progress.progress_bar"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    assert isinstance(progress_bar(), StepProgressBar)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    bar = progress_bar(every_s=cfg.every_s, every_n_steps=3)
+    assert isinstance(bar, LogProgress) and bar.every_n_steps == 3
+
+
+def test_log_progress_prints_plain_step_lines_with_rate_and_time_left(tmp_path, capsys):
+    bar = LogProgress(every_n_steps=3)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[bar], default_root_dir=tmp_path, max_steps=7, max_epochs=-1,
+                         accumulate_grad_batches=2)
+    trainer.fit(_Regression())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[progress]")]
+    steps = [int(line.split("train step ")[1].split("/")[0]) for line in lines]
+    assert steps == [1, 3, 6, 7], "the first step, every 3rd optimizer step (not micro-batch), the last"
+    assert lines[-1].startswith("[progress] train step 7/7 (100%) | loss ")
+    for part in ("| lr 1.00e-02 |", " tok/s |", "| elapsed 0:0", "| left 0:00"):
+        assert part in lines[-1]
+
+
+def test_log_progress_time_based_default_prints_first_and_last(tmp_path, capsys):
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[LogProgress(every_s=3600)], default_root_dir=tmp_path, max_steps=5, max_epochs=-1)
+    trainer.fit(_Regression())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[progress]")]
+    assert [line.split("|")[0].strip() for line in lines] == ["[progress] train step 1/5 (20%)",
+                                                             "[progress] train step 5/5 (100%)"]
+
+
+def test_format_duration():
+    assert [format_duration(x) for x in (0, 75.2, 3725, float("nan"))] == ["0:00", "1:15", "1:02:05", "?"]
+
+
+def test_log_progress_rejects_bad_intervals():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        LogProgress(every_n_steps=0)
+
+
+def test_train_under_nohup_prints_progress_lines_into_the_log(tmp_path):
+    """stdout redirected to a file: training and test batches print plain lines while they run."""
+    log = tmp_path / "log"
+    cmd = [sys.executable, str(ROOT / "train.py"), "threads=1", "logger=none", "dataset.num_examples=64",
+           "dataset.num_test_examples=32", "dataset.batch_size=8", "trainer.max_steps=4",
+           "callbacks.rich_progress_bar.every_n_steps=2", "~callbacks.rich_model_summary",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as fh:
+        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env,
+                       check=True, timeout=300)
+    text = log.read_text()
+    assert "[progress] train step 2/4 (50%) | loss " in text and "[progress] train step 4/4 (100%)" in text
+    assert "[progress] test batch 4/4 (100%)" in text
 
 
 def test_cuda_problem_names_the_key_and_the_cpu_trainers(monkeypatch):

@@ -108,7 +108,7 @@ def write_summary(sweep_dir: Path, rows: Sequence[dict]) -> tuple[Path, Path]:
 
 
 def print_table(title: str, rows: Sequence[dict]) -> None:
-    from rich.console import Console
+    from serengeti.progress import console
     from rich.table import Table
 
     header, cells = summary_table(rows)
@@ -117,7 +117,7 @@ def print_table(title: str, rows: Sequence[dict]) -> None:
         table.add_column(h, justify="right" if "/" in h or h in ("job", "steps") else "left")
     for c in cells:
         table.add_row(*c)
-    Console().print(table)
+    console().print(table)
 
 
 class SweepSummary(Callback):

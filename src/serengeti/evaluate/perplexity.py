@@ -87,8 +87,11 @@ def _trainer(device: str, precision: str) -> pl.Trainer:
     dev = torch.device(device)
     accel = "gpu" if dev.type == "cuda" else dev.type
     devices = [dev.index] if dev.type == "cuda" and dev.index is not None else 1
+    from serengeti.progress import progress_bar
+
+    # a rich bar on a terminal, a plain line every 20 s in a log file (a long split takes minutes)
     return pl.Trainer(accelerator=accel, devices=devices, precision=precision, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
+                      callbacks=[progress_bar()], enable_model_summary=False)
 
 
 def evaluate_model(model: torch.nn.Module, ckpt_cfg: Mapping[str, Any], datamodule, *, split: str = "val",

@@ -113,7 +113,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _print_table(title: str, rows: dict[str, Any]) -> None:
-    from rich.console import Console
+    from serengeti.progress import console
     from rich.table import Table
 
     table = Table(title=title)
@@ -121,7 +121,7 @@ def _print_table(title: str, rows: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     for k, v in rows.items():
         table.add_row(k, f"{v:.6g}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    console().print(table)
 
 
 _ROLE_KEYS = {"train": "train_split", "val": "val_split", "test": "test_split"}
