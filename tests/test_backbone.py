@@ -180,3 +180,106 @@ def test_generation_state_step_equals_forward():
         torch.testing.assert_close(model.step(x[:, t], state), full[:, t], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="max_len"):
         model.step(x[:, 0], state)
+
+
+# --- Transformer++ options: model.positions, model.norm, model.mlp ------------------------------------------
+def _option_mixers():
+    """One small factory per causal mixer; the non-attention ones run as hybrids (attention in block 1),
+    so that rotary positions act in every model."""
+    from serengeti.mixers import H3, S5, Hyena, HyenaS5, LongConv
+
+    return {
+        "attention": (functools.partial(Attention, num_heads=2), []),
+        "h3": (functools.partial(H3, d_state=8), [1]),
+        "hyena": (functools.partial(Hyena, filter_order=8), [1]),
+        "longconv": (functools.partial(LongConv, channels=1, dropout=0.0, kernel_dropout=0.0), [1]),
+        "s5": (functools.partial(S5, ssm_size=8, blocks=2), [1]),
+        "hyena_s5": (functools.partial(HyenaS5, ssm_size=8, blocks=2), [1]),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_option_mixers()))
+def test_step_equals_forward_with_rotary_rmsnorm_swiglu(name):
+    """Prefill then one token at a time gives the forward's logits, in float64, for every mixer with the
+    Transformer++ options on (the attention blocks rotate by absolute position through the KV cache)."""
+    mixer, attn_layer_idx = _option_mixers()[name]
+    torch.manual_seed(0)
+    model = tiny_lm(mixer=mixer, attn_layer_idx=attn_layer_idx, attn_cfg={"num_heads": 2}, positions="rotary",
+                    norm="rmsnorm", mlp="swiglu", bias=False, l_max=24, dtype=torch.float64).eval()
+    assert any(layer.mixer.rotary for layer in model.layers if isinstance(layer.mixer, Attention))
+    assert isinstance(model.layers[0].norm1, torch.nn.RMSNorm) and isinstance(model.ln_f, torch.nn.RMSNorm)
+    x = torch.randint(0, 13, (2, 20))
+    full = model(x)
+    state = model.allocate_state(2, max_len=20)
+    torch.testing.assert_close(model(x[:, :6], state=state), full[:, :6], rtol=1e-10, atol=1e-10)
+    for t in range(6, 20):
+        torch.testing.assert_close(model.step(x[:, t], state), full[:, t], rtol=1e-10, atol=1e-10)
+
+
+def test_rotary_model_is_causal_and_runs_past_the_training_length():
+    torch.manual_seed(0)
+    model = tiny_lm(positions="rotary", l_max=16).double().eval()
+    assert model.max_seq_len is None
+    x = torch.randint(0, 13, (2, 40))
+    y = x.clone()
+    y[:, 25:] = (y[:, 25:] + 1) % 13
+    torch.testing.assert_close(model(x)[:, :25], model(y)[:, :25], rtol=0, atol=1e-12)
+
+
+def test_swiglu_and_rmsnorm_by_hand():
+    """Block 0 of a Transformer++ recomputed: RMSNorm = x / sqrt(mean x^2 + eps) * w, SwiGLU = fc2(a * silu(g))."""
+    torch.manual_seed(0)
+    model = tiny_lm(norm="rmsnorm", mlp="swiglu", d_inner=96, n_layer=1).double().eval()
+    block = model.layers[0]
+    assert block.mlp.fc1.weight.shape == (2 * 64, 32) and block.mlp.fc2.weight.shape == (32, 64)  # 2/3 * 96 = 64
+    with torch.no_grad():
+        block.norm2.weight.uniform_(0.5, 1.5)
+    r = torch.randn(3, 32, dtype=torch.float64)
+    rms = (r / torch.sqrt(r.pow(2).mean(-1, keepdim=True) + 1e-5)) * block.norm2.weight
+    torch.testing.assert_close(block.norm2(r), rms, rtol=0, atol=1e-12)
+    w1, b1 = block.mlp.fc1.weight, block.mlp.fc1.bias
+    a, g = r @ w1[:64].T + b1[:64], r @ w1[64:].T + b1[64:]
+    expected = (a * g * torch.sigmoid(g)) @ block.mlp.fc2.weight.T + block.mlp.fc2.bias
+    torch.testing.assert_close(block.mlp(r), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("d_inner, hidden", [(3072, 2048), (256, 168), (128, 88), (6, 8)])
+def test_swiglu_width_rule(d_inner, hidden):
+    from serengeti.models.lm import swiglu_hidden
+
+    assert swiglu_hidden(d_inner) == hidden
+    assert abs(3 * hidden - 2 * d_inner) <= max(12, 0.05 * 2 * d_inner) or d_inner < 12  # same MLP parameters
+
+
+def test_positions_options_are_checked():
+    with pytest.raises(ValueError, match="model.positions must be one of"):
+        tiny_lm(positions="alibi")
+    with pytest.raises(ValueError, match=r"model.positions=learned needs model.max_position_embeddings > 0"):
+        tiny_lm(positions="learned")
+    with pytest.raises(ValueError, match=r"model.max_position_embeddings=64 .* model.positions=rotary"):
+        tiny_lm(positions="rotary", max_position_embeddings=64)
+    from serengeti.mixers import H3
+
+    with pytest.raises(ValueError, match="model.positions=rotary .* model.attn_layer_idx is empty"):
+        tiny_lm(positions="rotary", mixer=functools.partial(H3, d_state=4))
+    with pytest.raises(ValueError, match="model.norm must be one of"):
+        tiny_lm(norm="batchnorm")
+    with pytest.raises(ValueError, match="model.mlp must be one of"):
+        tiny_lm(mlp="relu")
+
+
+def test_configs_before_the_options_keep_their_meaning():
+    """A model config without positions/norm/mlp (every checkpoint and export written before them) builds the
+    model it always did: learned positions iff max_position_embeddings > 0, LayerNorm with bias, GELU MLP;
+    the weight names and shapes are unchanged, so those checkpoints load."""
+    from serengeti.models.lm import build_model
+
+    old = {"d_model": 32, "n_layer": 2, "vocab_size": 13, "l_max": 16, "max_position_embeddings": 16,
+           "mixer": {"_target_": "serengeti.mixers.Attention", "_partial_": True, "num_heads": 2}}
+    model = build_model(old)
+    assert model.positions == "learned" and model.position_embeddings.weight.shape == (16, 32)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes["layers.0.norm1.bias"] == (32,) and shapes["ln_f.bias"] == (32,)
+    assert shapes["layers.1.mlp.fc1.weight"] == (128, 32) and shapes["layers.1.mlp.fc2.weight"] == (32, 128)
+    assert not any(layer.mixer.rotary for layer in model.layers)
+    assert build_model({**old, "max_position_embeddings": 0}).positions == "none"

@@ -135,3 +135,19 @@ def test_bpe_tokenizer_is_copied_into_the_export(shared_data, tmp_path):
     _, _, tok2 = load_model(out)
     text = "Hello world<|endoftext|>"
     assert tok2.encode_batch([text]) == tok.encode_batch([text]) and tok2.eos_id == 50256
+
+
+def test_checkpoint_written_before_the_transformer_pp_options_loads_as_before(tmp_path):
+    """A Transformer checkpoint whose config has no positions/norm/mlp keys (all written before them) loads
+    with learned positions, LayerNorm and the GELU MLP and gives the saved model's outputs."""
+    torch.manual_seed(0)
+    cfg = compose_cfg(["model=transformer", "model.vocab_size=10", "model.l_max=16"])
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    assert model_cfg.pop("positions") == "learned" and model_cfg.pop("norm") == "layernorm" and model_cfg.pop("mlp") == "gelu"
+    old = {"model": model_cfg, "tokenizer": {"kind": "ids", "vocab_size": 10}}
+    ref = build_model(model_cfg).eval()
+    _write_ckpt(tmp_path / "old.ckpt", old, ref)
+    model, _, _ = load_model(tmp_path / "old.ckpt")
+    assert model.positions == "learned" and isinstance(model.ln_f, torch.nn.LayerNorm)
+    x = torch.randint(0, 10, (2, 16))
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)

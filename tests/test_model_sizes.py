@@ -17,6 +17,10 @@ CASES = {
     "hyena": (["experiment=wikitext/hyena"], 125e6, "Hyena 125M (Hyena paper)"),
     "hybrid_h3": (["experiment=wikitext/hybrid_h3"], 126.1e6, "Hybrid H3 125M, ~126.1M (docs/mixers.md#published-configurations)"),
     "hybrid_hyena": (["experiment=wikitext/hybrid_hyena"], 125e6, "Hyena with the 125M hybrid layout"),
+    # Transformer++ (rotary, RMSNorm, SwiGLU of width 2/3 d_inner, no biases) at the 125M shape: the Transformer's size
+    "transformer_pp": (["experiment=wikitext/transformer", "model.positions=rotary", "model.max_position_embeddings=0",
+                        "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false", "+model.mixer.bias=false"],
+                       125e6, "Transformer++ 125M (Mamba paper)"),
     # Pile Hyena-small (docs/mixers.md#published-configurations): D 864, 18 layers, d_inner 1728, emb_dim 33, w 14, l_max 2048
     "hyena_small_pile": (
         ["experiment=wikitext/hyena", "model.d_model=864", "model.n_layer=18", "model.d_inner=1728",
@@ -31,7 +35,7 @@ def _mixer_count(name: str, D: int, kw: dict, l_max: int) -> int:
     """Parameters of one mixer, from the equations of docs/mixers.md (attention, Hyena, H3)."""
     linear = lambda i, o, bias=True: i * o + (o if bias else 0)  # noqa: E731
     if name == "Attention":  # Wqkv + out_proj
-        return linear(D, 3 * D) + linear(D, D)
+        return linear(D, 3 * D, kw.get("bias", True)) + linear(D, D, kw.get("bias", True))
     if name == "H3":  # q, k, v, output_linear; shift SSM B, C, D_k; diag SSM log(-Re A), Im A, B, C (complex), log dt, D
         N, H = kw["d_state"], D // kw["head_dim"]
         return 4 * linear(D, D) + 2 * D * N + D + H * (N // 2) * (1 + 1 + 2 + 2) + 2 * H
@@ -48,14 +52,21 @@ def _closed_form(cfg: dict) -> int:
     D, n_layer, d_inner = cfg["d_model"], cfg["n_layer"], cfg["d_inner"] or 4 * cfg["d_model"]
     mult = cfg["pad_vocab_size_multiple"]
     vocab = -(-cfg["vocab_size"] // mult) * mult
-    total = vocab * D + cfg["max_position_embeddings"] * D + 2 * D  # tied embedding/head, positions, ln_f
+    bias = cfg["bias"]
+    norm = D + (D if bias and cfg["norm"] == "layernorm" else 0)  # scale (+ shift); RMSNorm has no shift
+    if cfg["mlp"] == "swiglu":  # fc1: D -> 2 hidden (value, gate), fc2: hidden -> D; hidden = 2/3 d_inner rounded to 8
+        hidden = 8 * round(2 * d_inner / 24)
+        mlp = D * 2 * hidden + hidden * D + ((2 * hidden + D) if bias else 0)
+    else:
+        mlp = D * d_inner + d_inner * D + ((d_inner + D) if bias else 0)
+    learned = cfg["max_position_embeddings"] if cfg["positions"] == "learned" else 0
+    total = vocab * D + learned * D + norm  # tied embedding/head, positions, ln_f
     for i in range(n_layer):
-        mlp = D * d_inner + d_inner + d_inner * D + D
         if i in cfg["attn_layer_idx"]:
-            mixer = _mixer_count("Attention", D, {}, cfg["l_max"])
+            mixer = _mixer_count("Attention", D, cfg["attn_cfg"], cfg["l_max"])
         else:
             mixer = _mixer_count(cfg["mixer"]["_target_"].rpartition(".")[2], D, cfg["mixer"], cfg["l_max"])
-        total += mixer + mlp + 4 * D  # two LayerNorms
+        total += mixer + mlp + 2 * norm
     return total
 
 

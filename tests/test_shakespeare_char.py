@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
 needs_text = pytest.mark.skipif(not TEXT.is_file(), reason=f"Tiny Shakespeare not found at {TEXT} (shared/data beside the repo)")
-MIXERS = ["transformer", "h3", "hyena", "hyena_s5", "longconv", "hybrid"]
+MIXERS = ["transformer", "transformer_pp", "h3", "hyena", "hyena_s5", "longconv", "hybrid"]
 
 
 @needs_text

@@ -1,7 +1,9 @@
 """Causal multi-head self-attention mixer with a KV cache for generation.
 
 Uses ``flash_attn`` when it is installed and the inputs are fp16/bf16 on CUDA, otherwise
-``torch.nn.functional.scaled_dot_product_attention`` (same math).
+``torch.nn.functional.scaled_dot_product_attention`` (same math). With ``rotary=True`` (set by the
+backbone for ``model.positions=rotary``) queries and keys are rotated by their absolute position
+(:mod:`serengeti.ops.rotary`); the KV cache holds rotated keys, so a cached key keeps its position.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from serengeti.mixers.base import Mixer
+from serengeti.ops.rotary import rotary_angles, rotate
 
 try:  # optional extra: pip install .[flash]
     from flash_attn import flash_attn_qkvpacked_func
@@ -56,6 +59,8 @@ class Attention(Mixer):
         dropout: dropout on attention probabilities (training only).
         bias: bias in ``Wqkv`` and ``out_proj``.
         softmax_scale: defaults to 1/sqrt(head_dim).
+        rotary: rotate queries and keys by position (RoPE over the whole head; head_dim must be even).
+            The backbone sets it from ``model.positions``; a config does not.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class Attention(Mixer):
         dropout: float = 0.0,
         bias: bool = True,
         softmax_scale: float | None = None,
+        rotary: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -80,12 +86,20 @@ class Attention(Mixer):
         self.head_dim = d_model // num_heads
         self.dropout = dropout
         self.softmax_scale = softmax_scale
+        self.rotary = rotary
+        if rotary:
+            rotary_angles(1, self.head_dim)  # refuses an odd head width now, not at the first forward
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=bias, device=device, dtype=dtype)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias, device=device, dtype=dtype)
 
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x: (B, L, D) -> q, k, v stacked (3, B, H, L, hd); q and k rotated for positions offset.. with ``rotary``."""
         # layout of Wqkv's output: (three, heads, head_dim), as flash-attn's MHA
-        return rearrange(self.Wqkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        qkv = rearrange(self.Wqkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        if not self.rotary:
+            return qkv
+        cos, sin = rotary_angles(x.shape[1], self.head_dim, offset=offset, device=x.device, dtype=qkv.dtype)
+        return torch.cat((rotate(qkv[:2], cos, sin), qkv[2:]))
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None) -> torch.Tensor:
         """x: (B, L, D) -> (B, L, D). With ``state``, keys/values are appended to the cache (prefill)."""
@@ -96,10 +110,10 @@ class Attention(Mixer):
             and x.is_cuda
             and x.dtype in (torch.float16, torch.bfloat16)
         ):
-            qkv = rearrange(self.Wqkv(x), "b l (three h d) -> b l three h d", three=3, h=self.num_heads)
+            qkv = rearrange(self._qkv(x), "three b h l d -> b l three h d")
             y = flash_attn_qkvpacked_func(qkv, dropout_p=p, softmax_scale=self.softmax_scale, causal=True)
             return self.out_proj(rearrange(y, "b l h d -> b l (h d)"))
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, offset=0 if state is None else state.length)
         if state is None or state.length == 0:
             if state is not None:
                 state.append(k, v)
@@ -123,7 +137,7 @@ class Attention(Mixer):
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         """x_t: (B, D) -> (B, D), attending to every cached position and itself."""
         self._require_state(state, type(self).__name__)
-        q, k, v = self._qkv(x_t.unsqueeze(1))  # (B, H, 1, hd)
+        q, k, v = self._qkv(x_t.unsqueeze(1), offset=state.length)  # (B, H, 1, hd)
         k, v = state.append(k, v)
         y = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
         return self.out_proj(rearrange(y, "b h 1 d -> b (h d)")), state

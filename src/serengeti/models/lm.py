@@ -30,6 +30,9 @@ MixerFactory = Callable[..., nn.Module]
 
 
 GELU_APPROXIMATIONS = {"tanh": "tanh", "exact": "none"}  # model.gelu -> torch's ``approximate``
+POSITIONS = ("learned", "rotary", "none")  # model.positions
+NORMS = ("layernorm", "rmsnorm")  # model.norm
+MLPS = ("gelu", "swiglu")  # model.mlp
 
 
 class MLP(nn.Module):
@@ -51,18 +54,63 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
+def swiglu_hidden(d_inner: int) -> int:
+    """SwiGLU width for a GELU width ``d_inner``: 2/3 d_inner rounded to the nearest multiple of 8 (at least 8).
+
+    SwiGLU has three D x hidden matrices where the GELU MLP has two D x d_inner ones, so this keeps the
+    MLP's parameter count (3 D hidden ~ 2 D d_inner): d_inner 3072 -> 2048, 256 -> 168, 128 -> 88.
+    """
+    return max(8, 8 * round(2 * d_inner / 24))
+
+
+class SwiGLU(nn.Module):
+    """fc1 -> (value, gate) -> value * SiLU(gate) -> fc2. x: (B, L, D) -> (B, L, D).
+
+    ``fc1``: D -> 2 hidden (value and gate side by side), ``fc2``: hidden -> D, hidden =
+    :func:`swiglu_hidden` (``d_inner``); ``bias``: biases in fc1 and fc2.
+    """
+
+    def __init__(self, d_model: int, d_inner: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        hidden = swiglu_hidden(d_inner)
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, d_model, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(value * F.silu(gate))
+
+
+def make_mlp(kind: str, d_model: int, d_inner: int, *, gelu: str, bias: bool, device=None, dtype=None) -> nn.Module:
+    """``model.mlp``: ``gelu`` (:class:`MLP`) or ``swiglu`` (:class:`SwiGLU`, width from :func:`swiglu_hidden`)."""
+    if kind == "swiglu":
+        return SwiGLU(d_model, d_inner, bias=bias, device=device, dtype=dtype)
+    return MLP(d_model, d_inner, gelu=gelu, bias=bias, device=device, dtype=dtype)
+
+
+def make_norm(kind: str, d_model: int, *, eps: float, bias: bool, device=None, dtype=None) -> nn.Module:
+    """``model.norm``: ``layernorm`` (with a bias when ``bias``) or ``rmsnorm`` (scale only)."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(d_model, eps=eps, device=device, dtype=dtype)
+    return nn.LayerNorm(d_model, eps=eps, bias=bias, device=device, dtype=dtype)
+
+
 class Block(nn.Module):
-    """Pre-norm residual block around one mixer and one MLP (see the module docstring)."""
+    """Pre-norm residual block around one mixer and one MLP (see the module docstring).
+
+    ``norm``, ``mlp``: the kinds of :func:`make_norm` and :func:`make_mlp`.
+    """
 
     def __init__(self, d_model: int, mixer: nn.Module, d_inner: int, *, dropout1: float, dropout2: float,
-                 eps: float = 1e-5, gelu: str = "tanh", bias: bool = True, device=None, dtype=None) -> None:
+                 eps: float = 1e-5, gelu: str = "tanh", bias: bool = True, norm: str = "layernorm",
+                 mlp: str = "gelu", device=None, dtype=None) -> None:
         super().__init__()
         self.mixer = mixer
         self.dropout1 = nn.Dropout(dropout1)
-        self.norm1 = nn.LayerNorm(d_model, eps=eps, bias=bias, device=device, dtype=dtype)
+        self.norm1 = make_norm(norm, d_model, eps=eps, bias=bias, device=device, dtype=dtype)
         self.dropout2 = nn.Dropout(dropout2)
-        self.norm2 = nn.LayerNorm(d_model, eps=eps, bias=bias, device=device, dtype=dtype)
-        self.mlp = MLP(d_model, d_inner, gelu=gelu, bias=bias, device=device, dtype=dtype)
+        self.norm2 = make_norm(norm, d_model, eps=eps, bias=bias, device=device, dtype=dtype)
+        self.mlp = make_mlp(mlp, d_model, d_inner, gelu=gelu, bias=bias, device=device, dtype=dtype)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, state: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h, residual: (B, L, D) (residual None at block 0) -> (h, residual)."""
@@ -96,10 +144,15 @@ class LMHeadModel(nn.Module):
         d_model, n_layer: width and depth.
         vocab_size: tokenizer vocabulary; padded up to ``pad_vocab_size_multiple``.
         mixer: factory ``mixer(d_model, layer_idx=i, l_max=l_max, device=, dtype=)`` for ordinary blocks.
-        d_inner: MLP width (default 4 * d_model).
+        d_inner: MLP width (default 4 * d_model); with ``mlp="swiglu"`` the GELU width whose parameter
+            count the SwiGLU keeps (hidden = :func:`swiglu_hidden` (d_inner) = 2/3 d_inner rounded to 8).
         attn_layer_idx: block indices that use attention instead (hybrids).
         attn_cfg: keyword arguments of :class:`Attention` for those blocks (num_heads, dropout, ...).
-        max_position_embeddings: > 0 adds learned absolute positions (synthetic Transformer baseline).
+        positions: ``learned`` (an absolute position table of ``max_position_embeddings`` rows added to
+            the embeddings), ``rotary`` (every attention block rotates its queries and keys; needs at
+            least one attention block) or ``none``. ``None`` (configs written before this option):
+            ``learned`` when ``max_position_embeddings > 0``, else ``none``.
+        max_position_embeddings: rows of the learned table; must be > 0 with ``learned`` and 0 otherwise.
         l_max: maximum sequence length, passed to mixers that size filters by it.
         embed_dropout: dropout on the embeddings (block 0's dropout1); resid_dropout: every other dropout.
         initializer_range: std of the ``gpt2`` init (see :func:`_init_weights`).
@@ -108,6 +161,11 @@ class LMHeadModel(nn.Module):
         gelu: the MLP's GELU, ``tanh`` (default) or ``exact``.
         bias: biases in the MLPs and LayerNorms (the mixers' own layers keep theirs; attention
             takes ``attn_cfg.bias``).
+        norm: ``layernorm`` (default) or ``rmsnorm``, for every norm of the backbone.
+        mlp: ``gelu`` (default, :class:`MLP`) or ``swiglu`` (:class:`SwiGLU`).
+
+    Transformer++ (``configs/model/transformer_pp.yaml``) is attention with ``positions="rotary"``,
+    ``norm="rmsnorm"``, ``mlp="swiglu"`` and no biases.
     """
 
     def __init__(
@@ -120,6 +178,7 @@ class LMHeadModel(nn.Module):
         d_inner: int | None = None,
         attn_layer_idx: Sequence[int] = (),
         attn_cfg: dict | None = None,
+        positions: str | None = None,
         max_position_embeddings: int = 0,
         l_max: int | None = None,
         embed_dropout: float = 0.1,
@@ -130,22 +189,34 @@ class LMHeadModel(nn.Module):
         init_scheme: str = "gpt2",
         gelu: str = "tanh",
         bias: bool = True,
+        norm: str = "layernorm",
+        mlp: str = "gelu",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        if init_scheme not in INIT_SCHEMES:
-            raise ValueError(f"model.init_scheme must be one of {sorted(INIT_SCHEMES)}, got {init_scheme!r}")
+        for key, value, allowed in (("init_scheme", init_scheme, INIT_SCHEMES), ("norm", norm, NORMS), ("mlp", mlp, MLPS)):
+            if value not in allowed:
+                raise ValueError(f"model.{key} must be one of {sorted(allowed)}, got {value!r}")
         attn_layer_idx = list(attn_layer_idx or [])
         bad = [i for i in attn_layer_idx if not 0 <= i < n_layer]
         if bad:
             raise ValueError(f"model.attn_layer_idx {bad} out of range for model.n_layer={n_layer}")
+        max_position_embeddings = max_position_embeddings or 0
+        self.positions = _check_positions(positions, max_position_embeddings)
         self.vocab_size = vocab_size
         self.padded_vocab_size = math.ceil(vocab_size / pad_vocab_size_multiple) * pad_vocab_size_multiple
         self.max_position_embeddings = max_position_embeddings
         self.l_max = l_max
         d_inner = d_inner or 4 * d_model
-        attn_factory = functools.partial(Attention, **(attn_cfg or {}))
+        rotary = self.positions == "rotary"
+        attn_factory = functools.partial(Attention, **(attn_cfg or {}), rotary=rotary)
+        if rotary:
+            if _builds_attention(mixer):
+                mixer = functools.partial(mixer, rotary=True)
+            elif not attn_layer_idx:
+                raise ValueError("model.positions=rotary rotates the queries and keys of attention blocks, but this "
+                                 "model has none (model.mixer is not attention and model.attn_layer_idx is empty)")
 
         self.word_embeddings = nn.Embedding(self.padded_vocab_size, d_model, device=device, dtype=dtype)
         self.position_embeddings = (
@@ -157,9 +228,9 @@ class LMHeadModel(nn.Module):
             block_mixer = factory(d_model, layer_idx=i, l_max=l_max, device=device, dtype=dtype)
             self.layers.append(Block(d_model, block_mixer, d_inner, dropout1=embed_dropout if i == 0 else resid_dropout,
                                      dropout2=resid_dropout, eps=layer_norm_epsilon, gelu=gelu, bias=bias,
-                                     device=device, dtype=dtype))
+                                     norm=norm, mlp=mlp, device=device, dtype=dtype))
         self.drop_f = nn.Dropout(resid_dropout)
-        self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_epsilon, bias=bias, device=device, dtype=dtype)
+        self.ln_f = make_norm(norm, d_model, eps=layer_norm_epsilon, bias=bias, device=device, dtype=dtype)
         self.lm_head = nn.Linear(d_model, self.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self.lm_head.weight = self.word_embeddings.weight  # tied
         self.lm_head._no_reinit = True  # its weight is the embedding's: initialised as an Embedding, not a Linear
@@ -264,10 +335,31 @@ class LMHeadModel(nn.Module):
         return save_pretrained(self, config, out, tokenizer=tokenizer, overwrite=overwrite)
 
 
+def _check_positions(positions: str | None, max_position_embeddings: int) -> str:
+    """The ``model.positions`` kind, checked against the learned table size (``None``: from the table size)."""
+    if positions is None:
+        return "learned" if max_position_embeddings > 0 else "none"
+    if positions not in POSITIONS:
+        raise ValueError(f"model.positions must be one of {list(POSITIONS)}, got {positions!r}")
+    if positions == "learned" and max_position_embeddings <= 0:
+        raise ValueError("model.positions=learned needs model.max_position_embeddings > 0 (the table size, e.g. ${model.l_max})")
+    if positions != "learned" and max_position_embeddings > 0:
+        raise ValueError(f"model.max_position_embeddings={max_position_embeddings} sizes a learned position table, but "
+                         f"model.positions={positions}: set model.max_position_embeddings=0")
+    return positions
+
+
+def _builds_attention(factory: MixerFactory) -> bool:
+    """Whether ``factory`` (a class or a ``functools.partial`` of one) builds :class:`Attention`."""
+    target = factory.func if isinstance(factory, functools.partial) else factory
+    return isinstance(target, type) and issubclass(target, Attention)
+
+
 #: keys of a ``model`` config that are not LMHeadModel arguments (the preset's name; ``compile``, applied by train.py)
 NON_MODEL_KEYS = {"name", "compile"}
 #: what the backbone passes to every mixer factory itself; a config may not set these
-_MIXER_CALL_ARGS = {"d_model", "layer_idx", "l_max", "device", "dtype"}
+#: (``rotary`` follows ``model.positions``)
+_MIXER_CALL_ARGS = {"d_model", "layer_idx", "l_max", "device", "dtype", "rotary"}
 
 
 def build_model(model_cfg: dict[str, Any], **overrides: Any) -> LMHeadModel:
