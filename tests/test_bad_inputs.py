@@ -183,6 +183,7 @@ BAD_EVAL = [
     ("num_samples=-2", r"num_samples=-2: expected an integer >= 1"),
     ("max_new_tokens=-1", r"max_new_tokens=-1: expected an integer >= 1"),
     ("max_new_tokens=abc", r"max_new_tokens='abc': expected an integer >= 1"),
+    ("max_new_tokens=1000000000", r"max_new_tokens=1000000000: expected an integer >= 1 and <= 1048576"),
     ("temperature=-1", r"temperature=-1: expected a number >= 0"),
     ("top_p=0", r"top_p=0: expected a number in \(0, 1\]"),
     ("top_p=1.5", r"top_p=1.5: expected a number in \(0, 1\]"),

@@ -76,6 +76,8 @@ def test_evaluate_errors(trained, tmp_path):
         evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='" + " ".join(["1"] * 70) + "'"], tmp_path))
     with pytest.raises(EvalError, match="exceeds the model's maximum sequence length 66"):
         evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='1 2'", "max_new_tokens=70"], tmp_path))
+    with pytest.raises(EvalError, match="^num_samples=1000000000 x .* lower num_samples or max_new_tokens$"):
+        evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt='1 2'", "num_samples=1000000000"], tmp_path))
     with pytest.raises(EvalError, match="token ids separated by spaces"):
         evaluate(eval_cfg(["task=generate", f"ckpt={ckpt}", "prompt=hello"], tmp_path))
     with pytest.raises(EvalError, match="outside the vocabulary"):

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MIXERS, compose_cfg, mixer_overrides
-from serengeti.generation import generate, sample
+from serengeti.generation import _tensor_bytes, check_memory, generate, memory_needed, sample
 from serengeti.tasks.lm import build_model
 V, L_MAX = 13, 40
 
@@ -78,3 +78,27 @@ def test_generation_errors():
         generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="top_p"):
         sample(torch.zeros(1, 3), top_p=1.5)
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
+    """1e-300 is 0 in float32: logits / T used to be inf/NaN; the limit T -> 0 is greedy."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    for t in (1e-300, 5e-324, 1e-30):
+        assert torch.equal(sample(logits, temperature=t, generator=torch.Generator().manual_seed(1)), logits.argmax(-1))
+    assert torch.equal(sample(logits, temperature=1e-300, top_k=3, top_p=0.5), logits.argmax(-1))
+
+
+def test_memory_estimate_counts_the_kv_cache_and_refuses_what_cannot_fit():
+    model = _model(["model=transformer", "model.max_position_embeddings=0"]).float()  # no length limit
+    assert model.max_seq_len is None
+    heads = model.layers[0].mixer.num_heads
+    # the KV cache of B sequences x T positions: 2 (k, v) x n_layer x B x d_model x T float32 values
+    for batch, total in ((1, 7), (3, 50)):
+        real = model.allocate_state(batch, max_len=total)  # the meta-device size is the real one
+        assert _tensor_bytes(real) == 2 * 2 * batch * heads * (16 // heads) * total * 4
+    grow = memory_needed(model, 2, 4, 100) - memory_needed(model, 1, 4, 100)
+    assert grow >= 2 * 2 * 16 * 103 * 4 + 8 * 100  # one more sequence: its cache and its token ids
+    check_memory(model, 4, 4, 100, "cpu")  # small: fits
+    with pytest.raises(ValueError, match=r"^num_samples=1000000000 x \(prompt 4 \+ max_new_tokens=100 tokens\) needs "
+                                         r"about .* GiB .* free on cpu: lower num_samples or max_new_tokens$"):
+        check_memory(model, 10**9, 4, 100, "cpu")

@@ -81,8 +81,42 @@ def test_bad_input_is_one_line(fake_multirun, tmp_path, capsys):
     assert main([str(tmp_path / "missing"), "--metric", "test/accuracy", "--out", str(tmp_path / "o")]) == 2
     assert main([str(fake_multirun), "--metric", "test/accuracy", "--ref", "high", "--out", str(tmp_path / "o")]) == 2
     assert "--ref expects VALUE[:LABEL]" in capsys.readouterr().err
-    with pytest.raises(ReportError, match="no metrics.json"):
+    with pytest.raises(ReportError, match="no readable metrics.json"):
         find_runs([tmp_path / "multirun" / "6"])
+
+
+def test_unreadable_runs_are_skipped_in_one_line_each_and_counted(fake_multirun, tmp_path, capsys):
+    """A damaged metrics.json, damaged YAML, a YAML alias bomb (9**9 nodes if expanded) and a record of
+    the wrong shape: each run is skipped with one line naming its file; the rest are reported."""
+    damaged = {"json": ("metrics.json", '{"metrics": '), "shape": ("metrics.json", '{"metrics": {"test/accuracy": "x"}}'),
+               "yaml": ("config_resolved.yaml", "a: [1, 2\nb: {"),
+               "bomb": ("config_resolved.yaml", 'a0: &a0 ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+                   f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]\n" for i in range(1, 10)))}
+    for name, (file, text) in damaged.items():
+        _fake_run(fake_multirun / name, "Hyena", 10, 1, 0.5)
+        (fake_multirun / name / file).write_text(text)
+    assert main([str(fake_multirun), "--metric", "test/accuracy", "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    skipped = sorted(line for line in err if line.startswith("report: skipped "))
+    assert [line.split()[2].rstrip(":") for line in skipped] == [
+        str(fake_multirun / "bomb" / "config_resolved.yaml"), str(fake_multirun / "json" / "metrics.json"),
+        str(fake_multirun / "shape" / "metrics.json"), str(fake_multirun / "yaml" / "config_resolved.yaml")]
+    assert "aliases" in skipped[0] and "report: 4 run(s) skipped" in err
+    assert len(find_runs([fake_multirun])) == 6
+
+
+def test_a_run_config_is_read_without_resolving_interpolations(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERENGETI_TEST_SECRET", "hunter2")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / RECORD_NAME).write_text(json.dumps({"metrics": {"test/accuracy": 0.5}}))
+    (run / "config_resolved.yaml").write_text("secret: ${oc.env:SERENGETI_TEST_SECRET}\nmodel: {l_max: 8, lr: 1e-3}\n"
+                                              "width: ${model.l_max}\n")
+    (r,) = find_runs([run])
+    assert r.value("secret") == "${oc.env:SERENGETI_TEST_SECRET}"
+    assert r.value("width") == 8 and r.value("model.lr") == 0.001 and r.value("missing.key") is None
+    written = report([run], ["secret"], "test/accuracy", tmp_path / "o")
+    assert "hunter2" not in written["table"].read_text()
 
 
 def test_where_keeps_matching_runs(fake_multirun, tmp_path, capsys):

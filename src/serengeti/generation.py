@@ -10,14 +10,24 @@ Every mixer's state (KV cache, H3/S5 state, Hyena/LongConv input history) lives 
 so generation never re-runs the prompt. :func:`stream` yields the new tokens one by one (a caller
 may stop at an end-of-text token or a stop string, e.g. the lm_eval adapter); :func:`generate`
 collects a fixed number of them and times the two phases.
+
+:func:`check_memory` refuses, before anything is allocated, a request whose state and token ids
+would not fit in the device's free memory (e.g. ``num_samples=10**9``); ``MAX_NEW_TOKENS`` bounds one
+call of ``evaluate.py task=generate`` for models without a length limit of their own.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
+
+#: the most tokens one ``evaluate.py task=generate`` call may ask for (2**20: about an hour of
+#: decoding at a few ms per token); a model with a length limit is bounded by that limit first
+MAX_NEW_TOKENS = 2**20
 
 
 @dataclass
@@ -52,7 +62,10 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # in float64 (a tiny temperature is 0 in float32), with the maximum shifted to 0 first: as the
+    # temperature goes to 0 the others go to -inf (greedy in the limit) instead of NaN
+    logits = logits.double()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
@@ -128,3 +141,61 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
     out.extend(tokens)
     end = clock()
     return Generation(torch.stack(out, dim=1), t_prefill - start, end - t_prefill)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor reachable from ``obj`` (dataclasses, lists, tuples, dicts)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(_tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def memory_needed(model, batch_size: int, prompt_len: int, max_new_tokens: int) -> int:
+    """Rough bytes :func:`generate` needs for ``batch_size`` sequences: the recurrent state for
+    ``prompt_len + max_new_tokens - 1`` positions (sized on the meta device, nothing allocated), the
+    new token ids (collected, then stacked), the sampling buffers over the vocabulary, and one
+    block's working set of the prompt pass."""
+    total = prompt_len + max_new_tokens - 1
+    one, two = (_tensor_bytes(model.allocate_state(b, max_len=total, device="meta")) for b in (1, 2))
+    shared = max(one - (two - one), 0)  # cached kernels, SSM matrices: one copy for the whole batch
+    vocab, width = model.word_embeddings.weight.shape
+    per_sequence = (two - one) + 2 * 8 * max_new_tokens + 4 * 4 * vocab + 16 * 4 * prompt_len * width
+    return shared + batch_size * per_sequence
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Free bytes on ``device`` (CUDA: the driver's count; CPU: the kernel's MemAvailable), or ``None``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(model, batch_size: int, prompt_len: int, max_new_tokens: int, device: str | torch.device) -> None:
+    """Raise ``ValueError`` (one line) when :func:`memory_needed` exceeds the free memory of ``device``."""
+    free = available_memory(device)
+    need = memory_needed(model, batch_size, prompt_len, max_new_tokens)
+    if free is not None and need > free:
+        raise ValueError(f"num_samples={batch_size} x (prompt {prompt_len} + max_new_tokens={max_new_tokens} tokens) "
+                         f"needs about {_gib(need)} for the generation state and token ids, more than the "
+                         f"{_gib(free)} free on {torch.device(device).type}: lower num_samples or max_new_tokens")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"

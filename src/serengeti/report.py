@@ -5,7 +5,9 @@
 
 Every directory below the given ones that holds a ``metrics.json`` (see :mod:`serengeti.run_record`)
 is one run. Its config is read from ``config_resolved.yaml`` beside it (the values the run used,
-including those filled in from the dataset), else from Hydra's ``.hydra/config.yaml``. Runs are
+including those filled in from the dataset), else from Hydra's ``.hydra/config.yaml``, as plain data:
+``${key}`` references to other keys are followed, nothing else is resolved (``${oc.env:...}`` stays
+text). A run whose record or config cannot be read is skipped with one line naming the file. Runs are
 grouped by the values of the ``--by`` keys; each group is one table row: the metric's mean ± sample
 standard deviation over its runs (seeds), n, and the mean steps, parameters, wall and CPU seconds.
 
@@ -38,10 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
-
 from serengeti.atomic import atomic_write_text
-from serengeti.run_record import RECORD_NAME, RESOLVED_CONFIG_NAME, read_run_record
+from serengeti.run_record import RECORD_NAME, RESOLVED_CONFIG_NAME, RunRecordError, read_run_config, read_run_record
 
 
 class ReportError(ValueError):
@@ -57,8 +57,30 @@ class Run:
     record: dict
 
     def value(self, key: str) -> Any:
-        """The config value at dotted ``key`` (``None`` when absent or unresolvable)."""
-        return OmegaConf.select(self.config, key, default=None, throw_on_resolution_failure=False)
+        """The config value at dotted ``key`` (``None`` when absent); a value that is exactly a
+        reference ``${other.key}`` is followed (a few hops), any other interpolation is returned as text."""
+        value = _lookup(self.config, key)
+        for _ in range(8):
+            ref = _REFERENCE.fullmatch(value) if isinstance(value, str) else None
+            if ref is None:
+                break
+            value = _lookup(self.config, ref.group(1))
+        return value
+
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${model.l_max}, not ${oc.env:X} or ${hydra:...}
+
+
+def _lookup(config: Any, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 @dataclass
@@ -87,8 +109,12 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
 
 
-def find_runs(roots: Sequence[str | Path]) -> list[Run]:
-    """Every run (a directory holding ``metrics.json``) under ``roots``, sorted by path."""
+def find_runs(roots: Sequence[str | Path], skipped: list[str] | None = None) -> list[Run]:
+    """Every run (a directory holding ``metrics.json``) under ``roots``, sorted by path.
+
+    A run whose record or config cannot be read is left out; the reason (naming the file) is
+    appended to ``skipped`` when given.
+    """
     runs = []
     for root in roots:
         root = Path(root)
@@ -99,11 +125,16 @@ def find_runs(roots: Sequence[str | Path]) -> list[Run]:
             config_path = run_dir / RESOLVED_CONFIG_NAME
             if not config_path.is_file():
                 config_path = run_dir / ".hydra" / "config.yaml"
-            if not config_path.is_file():
-                raise ReportError(f"{run_dir}: no {RESOLVED_CONFIG_NAME} or .hydra/config.yaml beside {RECORD_NAME}")
-            runs.append(Run(run_dir, OmegaConf.load(config_path), read_run_record(run_dir)))
+            try:
+                if not config_path.is_file():
+                    raise RunRecordError(f"{run_dir}: no {RESOLVED_CONFIG_NAME} or .hydra/config.yaml beside {RECORD_NAME}")
+                runs.append(Run(run_dir, read_run_config(config_path), read_run_record(run_dir)))
+            except RunRecordError as e:
+                if skipped is not None:
+                    skipped.append(str(e))
     if not runs:
-        raise ReportError(f"no {RECORD_NAME} found under {', '.join(map(str, roots))}")
+        raise ReportError(f"no readable {RECORD_NAME} found under {', '.join(map(str, roots))}"
+                          + (f" ({len(skipped)} skipped: {skipped[0]})" if skipped else ""))
     return runs
 
 
@@ -243,10 +274,10 @@ def _finish(fig, ax, metric: str, ref: tuple[float, str] | None, out: Path) -> N
 
 def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str | Path, *, x: str | None = None,
            curve: str | None = None, name: str | None = None, ref: tuple[float, str] | None = None,
-           where: Sequence[str] = ()) -> dict[str, Path]:
+           where: Sequence[str] = (), skipped: list[str] | None = None) -> dict[str, Path]:
     """Write the table (and figures) for the runs under ``roots`` that pass the ``where`` filters
-    (:func:`select_runs`); returns ``{kind: path}``."""
-    runs = select_runs(find_runs(roots), where)
+    (:func:`select_runs`); returns ``{kind: path}``. Unreadable runs are skipped (:func:`find_runs`)."""
+    runs = select_runs(find_runs(roots, skipped), where)
     if not any(metric in r.record["metrics"] for r in runs):
         known = sorted({m for r in runs for m in r.record["metrics"]})
         raise ReportError(f"--metric {metric!r} is in no run's metrics.json (they have: {', '.join(known)})")
@@ -310,9 +341,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="also write the table into FILE between '<!-- report:NAME -->' and '<!-- /report:NAME -->'")
     args = parser.parse_args(argv)
     by = [k for k in args.by.split(",") if k]
+    skipped: list[str] = []
     try:
         written = report(args.dirs, by, args.metric, args.out, x=args.x, curve=args.curve, name=args.name,
-                         ref=parse_ref(args.ref), where=args.where)
+                         ref=parse_ref(args.ref), where=args.where, skipped=skipped)
+        for reason in skipped:
+            print(f"report: skipped {reason}", file=sys.stderr)
+        if skipped:
+            print(f"report: {len(skipped)} run(s) skipped", file=sys.stderr)
         if args.embed:
             embed_table(args.embed, written["table"].stem, written["table"].read_text())
     except ReportError as e:

@@ -12,6 +12,10 @@ Written once per run, after the final validation and test, by :func:`write_run_r
     n_params         trainable parameters of the model
     git_commit       commit of the code (null outside a git checkout); git_dirty: uncommitted changes
     config           path of the resolved config written beside it (config_resolved.yaml)
+
+Readers (:func:`read_run_record`, :func:`read_run_config`) treat the files as untrusted: a damaged
+file raises :class:`RunRecordError` naming it, YAML aliases are refused (a 1 KB alias bomb expands
+to gigabytes) and interpolations such as ``${oc.env:...}`` are kept as text, never resolved.
 """
 from __future__ import annotations
 
@@ -73,6 +77,55 @@ def write_run_record(run_dir: str | os.PathLike, cfg: DictConfig, metrics: Mappi
     return path
 
 
+class RunRecordError(ValueError):
+    """A run's ``metrics.json`` or config cannot be read; the message names the file."""
+
+
 def read_run_record(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``metrics.json`` of ``run_dir``."""
-    return json.loads((Path(run_dir) / RECORD_NAME).read_text())
+    """The parsed ``metrics.json`` of ``run_dir``: a mapping whose ``metrics`` maps names to numbers.
+
+    Raises:
+        RunRecordError: unreadable, not JSON, or not of that shape.
+    """
+    path = Path(run_dir) / RECORD_NAME
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunRecordError(f"{path}: cannot read the run record ({_first_line(e)})") from None
+    metrics = record.get("metrics") if isinstance(record, dict) else None
+    if not isinstance(metrics, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()):
+        raise RunRecordError(f"{path}: expected a mapping with 'metrics': {{name: number}}")
+    return record
+
+
+def read_run_config(path: str | os.PathLike) -> Any:
+    """The plain data of a run's config YAML (``config_resolved.yaml`` or Hydra's ``config.yaml``).
+
+    Loaded as OmegaConf loads YAML but with aliases refused, and nothing resolved: a value such as
+    ``${oc.env:SECRET}`` stays that string.
+
+    Raises:
+        RunRecordError: unreadable file, invalid YAML, or an alias.
+    """
+    import yaml
+    from omegaconf._utils import get_yaml_loader
+
+    class NoAliasLoader(get_yaml_loader()):  # OmegaConf's scalar rules (1e-3 is a float), no aliases
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a run's config",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=NoAliasLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise RunRecordError(f"{path}: cannot read the config ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())  # YAML errors span lines (problem, file position)
+    return text[:300] or type(e).__name__

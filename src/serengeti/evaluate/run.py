@@ -23,7 +23,7 @@ from serengeti.checkpoint import CheckpointError, export, load_model
 from serengeti.atomic import atomic_write_text
 from serengeti.evaluate import EvalError
 from serengeti.evaluate.perplexity import build_datamodule, check_position_buckets, evaluate_model
-from serengeti.generation import generate
+from serengeti.generation import MAX_NEW_TOKENS, check_memory, generate
 from serengeti.validate import ConfigError, Rule, check_choice, check_rule, lightning_precisions, remove_fresh_run_dir
 
 log = logging.getLogger("serengeti")
@@ -32,7 +32,7 @@ log = logging.getLogger("serengeti")
 SETTINGS = (
     Rule("seed", "int", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     Rule("batch_size", "int", lambda v: v >= 1, "an integer >= 1", nullable=True),
-    Rule("max_new_tokens", "int", lambda v: v >= 1, "an integer >= 1"),
+    Rule("max_new_tokens", "int", lambda v: 1 <= v <= MAX_NEW_TOKENS, f"an integer >= 1 and <= {MAX_NEW_TOKENS}"),
     Rule("temperature", "number", lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
     Rule("top_k", "int", lambda v: v >= 1, "an integer >= 1", nullable=True),
     Rule("top_p", "number", lambda v: 0 < v <= 1, "a number in (0, 1]", nullable=True),
@@ -200,6 +200,10 @@ def task_generate(cfg: DictConfig) -> dict:
         raise EvalError(f"prompt ({len(ids)} tokens) + max_new_tokens={cfg.max_new_tokens} exceeds the model's maximum "
                         f"sequence length {max_len}: lower max_new_tokens to at most {max_len - len(ids) + 1}")
     n = int(cfg.get("num_samples") or 1)
+    try:
+        check_memory(model, n, len(ids), int(cfg.max_new_tokens), device)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     prompt = torch.tensor([ids] * n, dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(int(cfg.seed))
     try:
