@@ -89,7 +89,7 @@ def test_a_tiny_temperature_samples_the_argmax_instead_of_nan():
 
 
 def test_memory_estimate_counts_the_kv_cache_and_refuses_what_cannot_fit():
-    model = _model(["model=transformer", "model.max_position_embeddings=0"]).float()  # no length limit
+    model = _model(["model=transformer", "model.positions=none", "model.max_position_embeddings=0"]).float()  # no length limit
     assert model.max_seq_len is None
     heads = model.layers[0].mixer.num_heads
     # the KV cache of B sequences x T positions: 2 (k, v) x n_layer x B x d_model x T float32 values
