@@ -146,8 +146,29 @@ def test_gated_fftconv_rejects_bad_shapes():
     u = torch.randn(2, 3, 8)
     with pytest.raises(ValueError, match="k must be"):
         gated_fftconv(u, torch.randn(4, 8))
-    with pytest.raises(ValueError, match="pre must match"):
+    with pytest.raises(ValueError, match="pre must be"):
         gated_fftconv(u, torch.randn(3, 8), pre=torch.randn(2, 3, 7))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        gated_fftconv(u.unsqueeze(1).expand(2, 3, 3, 8), torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="D must be"):
+        gated_fftconv(u, torch.randn(3, 8), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("with_D", [True, False])
+def test_gated_fftconv_broadcast_kernels_match_reference(with_D):
+    """One input shared by C kernels (LongConv's layout): u (B, 1, H, L), k (C, H, Lk) -> (B, C, H, L)."""
+    torch.manual_seed(1)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    L = 37
+    u, k = torch.randn(2, 1, 3, L, **f64), torch.randn(4, 3, L + 5, **f64)
+    D = torch.randn(4, 3, **f64) if with_D else None
+    inputs = [t for t in (u, k, D) if t is not None]
+    y, y_ref = gated_fftconv(u, k, D), gated_fftconv_ref(u, k, D)
+    assert y.shape == (2, 4, 3, L)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-11)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_ref, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
 @pytest.fixture(params=["toeplitz", "fft"])

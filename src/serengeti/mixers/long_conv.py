@@ -24,7 +24,7 @@ from torch import nn
 
 from serengeti.mixers.base import Mixer
 from serengeti.ops.conv_history import ConvHistory
-from serengeti.ops.fftconv import fftconv
+from serengeti.ops.gated_fftconv import gated_fftconv
 from serengeti.optim import set_optim
 
 SMOOTHING = (None, "ma", "freq")
@@ -126,7 +126,7 @@ class LongConv(Mixer):
         if state is not None and state.conv.seqlen != 0:
             raise ValueError("LongConv.forward(x, state) prefills an empty state; continue a started one with step()")
         u = x.mT.unsqueeze(1)  # (B, 1, D, L): one input spectrum shared by the C kernels
-        y = fftconv(u, self.kernels(), self.D)  # (B, C, D, L)
+        y = gated_fftconv(u, self.kernels(), self.D)  # (B, C, D, L), hand-written backward
         if state is not None:
             state.conv.prefill(u)
         return self._mix(rearrange(y, "b c d l -> b l (c d)"))

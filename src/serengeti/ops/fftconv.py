@@ -51,7 +51,8 @@ def fftconv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> 
 
 
 def direct_conv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = None) -> torch.Tensor:
-    """O(L^2) reference for :func:`fftconv` (float64 in tests). Same shapes and semantics."""
+    """O(L^2) reference for :func:`fftconv` (float64 in tests). Same semantics; ``k`` (..., H, Lk)
+    may broadcast against ``u`` (B, ..., H, L) as in :func:`serengeti.ops.gated_fftconv.gated_fftconv`."""
     L = u.shape[-1]
     k = k[..., :L]
     Lk = k.shape[-1]
@@ -59,8 +60,8 @@ def direct_conv_ref(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None = N
     idx = torch.arange(L)
     lag = idx[:, None] - idx[None, :]
     valid = (lag >= 0) & (lag < Lk)
-    T = k[:, lag.clamp(0, Lk - 1)] * valid
-    y = torch.einsum("hts,bhs->bht", T, u)
+    T = k[..., lag.clamp(0, Lk - 1)] * valid  # (..., H, L, L)
+    y = torch.matmul(T, u.unsqueeze(-1)).squeeze(-1)
     if D is not None:
         y = y + u * D.unsqueeze(-1)
     return y

@@ -14,6 +14,11 @@ spectra::
     g_D = sum_{b,t} g_y ⊙ w,   g_u = pre ⊙ g_w,   g_pre = u ⊙ g_w,   g_post = y ⊙ g
 
 With n >= L + Lk the circular correlations equal the linear ones on the first L (Lk) outputs.
+
+The kernels may broadcast against the input, e.g. one input spectrum shared by C kernels (LongConv:
+u (B, 1, H, L), k (C, H, Lk) -> (B, C, H, L)). The backward then sums each product over the
+broadcast dimensions in the frequency domain, before its inverse transform (one inverse FFT per
+input row, not one per output row).
 """
 from __future__ import annotations
 
@@ -58,15 +63,18 @@ class _GatedFFTConv(torch.autograd.Function):
         g_y = g * post_ if post_ is not None else g
         G = torch.fft.rfft(g_y, n=n)
         if need_k:
-            g_k = torch.fft.irfft((G * W.conj()).sum(0), n=n)[..., :Lk]
+            g_k = torch.fft.irfft((G * W.conj()).sum_to_size(K.shape), n=n)[..., :Lk]
             if Lk_full > Lk:  # taps beyond L never touched the output
                 g_k = torch.nn.functional.pad(g_k, (0, Lk_full - Lk))
             g_k = g_k.to(k_dt)
         if need_D:
-            g_D = torch.einsum("bhl,bhl->h", g_y, w).to(D_dt)
+            g_D = torch.einsum("b...l,b...l->...", g_y, w).sum_to_size(D_.shape).to(D_dt)
         if need_u or need_pre:
-            g_w = torch.fft.irfft(G * K.conj(), n=n)[..., :L]
-            g_w = torch.addcmul(g_w, g_y, D_.unsqueeze(-1)) if D_ is not None else g_w
+            g_w = torch.fft.irfft((G * K.conj()).sum_to_size(W.shape), n=n)[..., :L]
+            if D_ is not None and g_y.shape == w.shape:
+                g_w = torch.addcmul(g_w, g_y, D_.unsqueeze(-1))
+            elif D_ is not None:  # broadcast kernels: sum the skip's gradient over them too
+                g_w = g_w + (g_y * D_.unsqueeze(-1)).sum_to_size(w.shape)
             if need_u:
                 g_u = (g_w * pre_ if pre_ is not None else g_w).to(u_dt)
             if need_pre:
@@ -84,21 +92,30 @@ def gated_fftconv(
     """``post ⊙ (k ∗ (pre ⊙ u) + D ⊙ (pre ⊙ u))``, causal over the last axis.
 
     Args:
-        u: (B, H, L) input.
-        k: (H, Lk) kernels; taps beyond L are ignored (causal for every L).
-        D: optional (H,) skip term.
-        pre, post: optional (B, H, L) gates applied before / after the convolution.
+        u: (B, *C, H, L) input.
+        k: (*K, H, Lk) kernels, ``*K`` broadcastable against ``*C`` (usually k is (H, Lk)); taps
+            beyond L are ignored (causal for every L).
+        D: optional skip term of k's shape without the taps, (*K, H).
+        pre: optional gate of u's shape, applied before the convolution.
+        post: optional gate of the output's shape, applied after it.
 
     Returns:
-        (B, H, L) in ``u``'s dtype; computed in float32 (float64 if any input is float64) with
-        autocast disabled. Gradients flow to every input (in its own dtype).
+        (B, *broadcast(C, K), H, L), e.g. (B, H, L), in ``u``'s dtype; computed in float32 (float64
+        if any input is float64) with autocast disabled. Gradients flow to every input (in its own dtype).
     """
-    B, H, L = u.shape
-    if k.ndim != 2 or k.shape[0] != H:
-        raise ValueError(f"gated_fftconv: k must be (H={H}, Lk), got {tuple(k.shape)}")
-    for name, t in (("pre", pre), ("post", post)):
-        if t is not None and t.shape != u.shape:
-            raise ValueError(f"gated_fftconv: {name} must match u {tuple(u.shape)}, got {tuple(t.shape)}")
+    H, L = u.shape[-2:]
+    if u.ndim < 3 or k.ndim < 2 or k.ndim > u.ndim - 1 or k.shape[-2] != H:
+        raise ValueError(f"gated_fftconv: k must be (..., H={H}, Lk) for u (B, ..., H, L) = {tuple(u.shape)}, "
+                         f"got {tuple(k.shape)}")
+    try:
+        out_shape = (u.shape[0], *torch.broadcast_shapes(u.shape[1:-1], k.shape[:-1]), L)
+    except RuntimeError:
+        raise ValueError(f"gated_fftconv: k {tuple(k.shape)} does not broadcast against u {tuple(u.shape)}") from None
+    for name, t, shape in (("pre", pre, u.shape), ("post", post, out_shape)):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"gated_fftconv: {name} must be {tuple(shape)}, got {tuple(t.shape)}")
+    if D is not None and D.shape != k.shape[:-1]:
+        raise ValueError(f"gated_fftconv: D must be {tuple(k.shape[:-1])} (k without its taps), got {tuple(D.shape)}")
     with torch.autocast(device_type=u.device.type, enabled=False):
         return _GatedFFTConv.apply(u, k, D, pre, post)
 
