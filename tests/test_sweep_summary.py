@@ -56,19 +56,49 @@ def test_evaluate_py_flat_metrics_json(tmp_path):
     assert job_row(d)["metrics"] == {"test/loss": 2.5}
 
 
-def test_multirun_prints_and_writes_the_summary(tmp_path):
+def test_multirun_survives_a_failed_job_and_exits_non_zero(tmp_path):
+    """A diverging job is recorded as failed, the next job runs, the summary shows both, the exit status is 1."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
     sweep = tmp_path / "sweep"
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "seed=1,2", "debug=fdr", "logger=none",
-                          "dataset.num_examples=32", "dataset.num_test_examples=8", "dataset.batch_size=8",
-                          "trainer.enable_progress_bar=false", "~callbacks.rich_model_summary",
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "optimizer.lr=1e6,1e-3", "trainer.max_steps=6",
+                          "threads=1", "logger=none", "dataset.num_examples=32", "dataset.num_test_examples=8",
+                          "dataset.batch_size=8", "trainer.enable_progress_bar=false", "~callbacks.rich_model_summary",
                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == f"error: 1 of 2 sweep jobs failed (job 0); see {sweep / 'summary.md'}"
+    record = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert record["status"] == "failed" and "non-finite loss" in record["reason"] and record["steps"] < 6
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["status"] == "completed"
     printed = [float(v) for v in re.findall(r"\[serengeti\] .*?val/loss=([0-9.]+)", res.stdout)]
-    assert len(printed) == 2, res.stdout[-2000:]
+    assert len(printed) == 1, res.stdout[-2000:]
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
-    assert [(r["job"], r["overrides"].split()[0], r["status"]) for r in rows] == [("0", "seed=1", "completed"),
-                                                                                  ("1", "seed=2", "completed")]
-    assert [float(r["val/loss"]) for r in rows] == pytest.approx(printed, rel=1e-3), "the loss each job printed"
-    assert "sweep summary written to" in res.stdout and (sweep / "summary.md").is_file()
-    assert re.search(r"job\s+┃\s+seed", res.stdout), "the printed table has the varying override as a column"
+    assert [(r["job"], r["overrides"].split()[0], r["status"]) for r in rows] == [
+        ("0", "optimizer.lr=1000000.0", "failed"), ("1", "optimizer.lr=0.001", "completed")]
+    assert "non-finite loss" in rows[0]["reason"] and rows[1]["reason"] == ""
+    assert [float(rows[1]["val/loss"])] == pytest.approx(printed, rel=1e-3), "the loss the job printed"
+    assert "sweep summary written to" in res.stdout
+    assert "- job 0 failed: error: non-finite loss" in (sweep / "summary.md").read_text()
+    assert re.search(r"job\s+┃\s+optimizer.lr", res.stdout), "the printed table has the varying override as a column"
+    from serengeti.report import find_runs, group_runs, markdown_table
+
+    table = markdown_table(group_runs(find_runs([sweep]), ["optimizer.lr"]), ["optimizer.lr"], "val/loss")
+    assert "| 1000000.0 | – | 0 | 1 |" in table and f"- failed: {sweep / '0'} (after " in table, table
+
+
+def test_failed_status_in_the_record_wins_over_the_return_value(tmp_path):
+    d = _job(tmp_path, "0", ["optimizer.lr=1e6"], {"train/loss": float("nan")}, 2)
+    record = json.loads((d / "metrics.json").read_text())
+    (d / "metrics.json").write_text(json.dumps({**record, "status": "failed", "reason": "error: non-finite loss"}))
+    row = job_row(d, {"status": "completed", "monitor": "val/loss", "value": None})
+    assert (row["status"], row["reason"], row["steps"]) == ("failed", "error: non-finite loss", 2)
+
+
+def test_printed_table_is_not_cut_at_80_columns_in_a_log(tmp_path, capsys, monkeypatch):
+    from serengeti.sweep_summary import print_table
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    long = "model.mixer.some_rather_long_option_name=" + "x" * 60
+    rows = [job_row(_job(tmp_path, str(i), [f"{long}{i}"], {"val/loss": 1.0 + i}, 4)) for i in range(2)]
+    print_table("sweep", rows)
+    out = capsys.readouterr().out
+    assert f"{'x' * 60}1" in out and max(map(len, out.splitlines())) > 100

@@ -10,6 +10,8 @@ including those filled in from the dataset), else from Hydra's ``.hydra/config.y
 text). A run whose record or config cannot be read is skipped with one line naming the file. Runs are
 grouped by the values of the ``--by`` keys; each group is one table row: the metric's mean ± sample
 standard deviation over its runs (seeds), n, and the mean steps, parameters, wall and CPU seconds.
+A run whose record says ``status: failed`` (diverged, crashed) is left out of those statistics but not
+dropped: the table gets a ``failed`` column, and each failed run is listed below it with its reason.
 
 Writes into ``--out``:
 
@@ -41,7 +43,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from serengeti.atomic import atomic_write_text
-from serengeti.run_record import RECORD_NAME, RESOLVED_CONFIG_NAME, RunRecordError, read_run_config, read_run_record
+from serengeti.run_record import (FAILED, RECORD_NAME, RESOLVED_CONFIG_NAME, RunRecordError, read_run_config,
+                                  read_run_record, record_status)
 
 
 class ReportError(ValueError):
@@ -67,6 +70,11 @@ class Run:
             value = _lookup(self.config, ref.group(1))
         return value
 
+    @property
+    def failed(self) -> bool:
+        """The run stopped before it finished (its record's ``status`` is ``failed``)."""
+        return record_status(self.record) == FAILED
+
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")  # ${model.l_max}, not ${oc.env:X} or ${hydra:...}
 
@@ -90,11 +98,19 @@ class Group:
     key: tuple
     runs: list[Run] = field(default_factory=list)
 
+    @property
+    def completed(self) -> list[Run]:
+        return [r for r in self.runs if not r.failed]
+
+    @property
+    def failed(self) -> list[Run]:
+        return [r for r in self.runs if r.failed]
+
     def values(self, metric: str) -> list[float]:
-        return [r.record["metrics"][metric] for r in self.runs if metric in r.record["metrics"]]
+        return [r.record["metrics"][metric] for r in self.completed if metric in r.record["metrics"]]
 
     def mean_of(self, field_name: str) -> float:
-        xs = [float(r.record[field_name]) for r in self.runs if r.record.get(field_name) is not None]
+        xs = [float(r.record[field_name]) for r in self.completed if r.record.get(field_name) is not None]
         return sum(xs) / len(xs) if xs else math.nan
 
 
@@ -179,16 +195,25 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 
 def markdown_table(groups: Sequence[Group], by: Sequence[str], metric: str) -> str:
-    """One row per group: the ``by`` values, metric mean ± std, n, mean steps / params / wall / CPU s."""
-    head = [*by, f"{metric} (mean ± std)", "n", "steps", "params", "wall s", "CPU s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(by) + [" ---: "] * 6) + "|"]
+    """One row per group: the ``by`` values, metric mean ± std, n, mean steps / params / wall / CPU s over the
+    completed runs; when any run failed, a ``failed`` column and one line per failed run below the table."""
+    any_failed = any(g.failed for g in groups)
+    head = [*by, f"{metric} (mean ± std)", "n", *(["failed"] if any_failed else []), "steps", "params", "wall s", "CPU s"]
+    numeric = 6 + int(any_failed)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(by) + [" ---: "] * numeric) + "|"]
     for g in groups:
         mean, std = mean_std(g.values(metric))
         cell = _fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
         row = [show(k, v) for k, v in zip(by, g.key)]
-        row += [cell, str(len(g.values(metric))), _fmt(g.mean_of("steps"), 6), _fmt(g.mean_of("n_params"), 6),
-                _fmt(g.mean_of("wall_s"), 4), _fmt(g.mean_of("cpu_s"), 4)]
+        row += [cell, str(len(g.values(metric))), *([str(len(g.failed))] if any_failed else []),
+                _fmt(g.mean_of("steps"), 6), _fmt(g.mean_of("n_params"), 6), _fmt(g.mean_of("wall_s"), 4),
+                _fmt(g.mean_of("cpu_s"), 4)]
         lines.append("| " + " | ".join(row) + " |")
+    failed = [r for g in groups for r in g.failed]
+    if failed:
+        lines.append("")
+        lines += [f"- failed: {r.path} (after {r.record.get('steps')} steps): {r.record.get('reason') or 'no reason recorded'}"
+                  for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -205,7 +230,7 @@ def read_curve(run_dir: Path, metric: str) -> dict[int, float]:
 
 def mean_curve(runs: Sequence[Run], metric: str) -> tuple[list[int], list[float]]:
     """Steps logged by every run, and the metric's mean over the runs at each of them."""
-    curves = [read_curve(r.path, metric) for r in runs]
+    curves = [read_curve(r.path, metric) for r in runs if not r.failed]
     curves = [c for c in curves if c]
     if not curves:
         return [], []

@@ -1,9 +1,13 @@
 """The record of one finished training run: ``<run dir>/metrics.json``.
 
-Written once per run, after the final validation and test, by :func:`write_run_record`; read by
-:mod:`serengeti.report`. Fields::
+Written once per run, after the final validation and test, or when the run fails (a non-finite
+loss, an error while training; in a ``-m`` sweep also a config error), by :func:`write_run_record`;
+read by :mod:`serengeti.report` and :mod:`serengeti.sweep_summary`. Fields::
 
-    metrics          final metrics, {name: float} ("val/loss", "test/accuracy", ...)
+    status           "completed" or "failed" (records written before this field existed: completed)
+    reason           why a failed run stopped, in one line (null when completed)
+    metrics          final metrics, {name: float} ("val/loss", "test/accuracy", ...); for a failed run
+                     the last ones logged before it stopped
     steps            optimizer steps taken
     wall_s           wall-clock seconds of fit + test
     cpu_s            CPU seconds (user + system) of this run, from the config check to the end of test
@@ -54,20 +58,34 @@ def git_state(repo: Path = _REPO) -> tuple[str | None, bool | None]:
     return commit, bool(status.strip())
 
 
+COMPLETED, FAILED = "completed", "failed"
+
+
 def write_run_record(run_dir: str | os.PathLike, cfg: DictConfig, metrics: Mapping[str, float], *, steps: int,
-                     wall_s: float, cpu_s: float, n_params: int) -> Path:
-    """Write ``config_resolved.yaml`` and ``metrics.json`` into ``run_dir``; returns the json's path."""
+                     wall_s: float, cpu_s: float, n_params: int | None, status: str = COMPLETED,
+                     reason: str | None = None) -> Path:
+    """Write ``config_resolved.yaml`` and ``metrics.json`` into ``run_dir``; returns the json's path.
+
+    A config that cannot be resolved (a failed job's bad override) is written unresolved.
+    """
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / RESOLVED_CONFIG_NAME
-    atomic_write_text(config_path, OmegaConf.to_yaml(cfg, resolve=True))
+    try:
+        config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation error is what made this run fail
+        config_text = OmegaConf.to_yaml(cfg, resolve=False)
+    atomic_write_text(config_path, config_text)
     commit, dirty = git_state()
     record: dict[str, Any] = {
+        "status": status,
+        "reason": reason,
         "metrics": {k: float(v) for k, v in sorted(metrics.items())},
         "steps": int(steps),
         "wall_s": float(wall_s),
         "cpu_s": float(cpu_s),
         "num_threads": torch.get_num_threads(),
-        "n_params": int(n_params),
+        "n_params": None if n_params is None else int(n_params),
         "git_commit": commit,
         "git_dirty": dirty,
         "config": RESOLVED_CONFIG_NAME,
@@ -129,3 +147,8 @@ def read_run_config(path: str | os.PathLike) -> Any:
 def _first_line(e: BaseException) -> str:
     text = " ".join(str(e).split())  # YAML errors span lines (problem, file position)
     return text[:300] or type(e).__name__
+
+
+def record_status(record: Mapping[str, Any]) -> str:
+    """``"completed"`` or ``"failed"`` (records from before the ``status`` field are completed runs)."""
+    return str(record.get("status") or COMPLETED)

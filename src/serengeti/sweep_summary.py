@@ -3,15 +3,19 @@
 Selected in ``configs/hydra/default.yaml`` (``hydra.callbacks.sweep_summary``). When the sweep ends,
 every job directory under ``hydra.sweep.dir`` (the ones holding ``.hydra/overrides.yaml``) is one
 row: its command-line overrides, its status, and its final metrics from the ``metrics.json`` that
-``train.py`` writes (:mod:`serengeti.run_record`; ``evaluate.py``'s flat one works too). A job that wrote no record (it failed, or the
-task function is not ``train.py``'s) shows the value its task function returned (``train.py``: the
-``monitor`` metric) when it ran in this process. The table is printed and written to
-``<sweep dir>/summary.csv`` (every override and metric) and ``summary.md`` (the overrides that
-differ between jobs, and the ``val/`` / ``test/`` metrics).
+``train.py`` writes (:mod:`serengeti.run_record`; ``evaluate.py``'s flat one works too). A job that
+failed (a non-finite loss, an error) has ``status: failed`` and its reason there, and the sweep went on
+with the next job (``train.py``'s main). A job that wrote no record (the task function is not
+``train.py``'s) shows the value its task function returned (``train.py``: the ``monitor`` metric)
+when it ran in this process. The table is written to ``<sweep dir>/summary.csv`` (every override and
+metric, status and reason) and ``summary.md`` (the overrides that differ between jobs, and the
+``val/`` / ``test/`` metrics; failed jobs' reasons below it) after every job, so a long sweep can be
+followed, and printed at the end; if any job failed, the process then exits non-zero.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -21,7 +25,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from serengeti.run_record import RECORD_NAME
+from serengeti.atomic import atomic_write_text
+from serengeti.progress import console
+from serengeti.run_record import FAILED, RECORD_NAME, record_status
 
 SHOWN_PREFIXES = ("val/", "test/")
 
@@ -39,7 +45,7 @@ def job_row(job_dir: Path, returned: dict[str, Any] | None = None) -> dict[str, 
     """
     overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
     row: dict[str, Any] = {"job": job_dir.name, "overrides": overrides, "status": "no record", "metrics": {},
-                           "steps": None}
+                           "steps": None, "reason": None}
     if returned is not None:
         row["status"] = returned["status"]
         value = returned.get("value")
@@ -55,7 +61,8 @@ def job_row(job_dir: Path, returned: dict[str, Any] | None = None) -> dict[str, 
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float)) and "/" in k}  # evaluate.py's
             row["metrics"].update(record.get("metrics") or flat)
             row["steps"] = record.get("steps")
-            row["status"] = "completed" if returned is None else row["status"]
+            if "status" in record or returned is None:  # train.py's record knows; evaluate.py's flat one does not
+                row["status"], row["reason"] = record_status(record), record.get("reason")
     return row
 
 
@@ -93,22 +100,30 @@ def write_summary(sweep_dir: Path, rows: Sequence[dict]) -> tuple[Path, Path]:
     """``summary.csv`` (all overrides and metrics) and ``summary.md`` (the table) in ``sweep_dir``."""
     all_metrics = sorted({m for r in rows for m in r["metrics"]})
     csv_path = sweep_dir / "summary.csv"
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["job", "overrides", "status", "steps", *all_metrics])
-        for r in rows:
-            writer.writerow([r["job"], " ".join(r["overrides"]), r["status"], r["steps"] if r["steps"] is not None else "",
-                             *(r["metrics"].get(m, "") for m in all_metrics)])
+    fh = io.StringIO(newline="")
+    writer = csv.writer(fh)
+    writer.writerow(["job", "overrides", "status", "reason", "steps", *all_metrics])
+    for r in rows:
+        writer.writerow([r["job"], " ".join(r["overrides"]), r["status"], r.get("reason") or "",
+                         r["steps"] if r["steps"] is not None else "", *(r["metrics"].get(m, "") for m in all_metrics)])
+    atomic_write_text(csv_path, fh.getvalue())
     header, cells = summary_table(rows)
     md_path = sweep_dir / "summary.md"
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
-    md_path.write_text("\n".join(lines) + "\n")
+    failures = failure_lines(rows)
+    if failures:
+        lines += ["", *(f"- {line}" for line in failures)]
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
+def failure_lines(rows: Sequence[dict]) -> list[str]:
+    """``job 0 failed: <reason>`` for each failed job."""
+    return [f"job {r['job']} failed: {r.get('reason') or 'no reason recorded'}" for r in rows if r["status"] == FAILED]
+
+
 def print_table(title: str, rows: Sequence[dict]) -> None:
-    from serengeti.progress import console
     from rich.table import Table
 
     header, cells = summary_table(rows)
@@ -118,6 +133,8 @@ def print_table(title: str, rows: Sequence[dict]) -> None:
     for c in cells:
         table.add_row(*c)
     console().print(table)
+    for line in failure_lines(rows):
+        print(f"[serengeti] {line}")
 
 
 class SweepSummary(Callback):
@@ -129,15 +146,33 @@ class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         job_dir = Path(config.hydra.runtime.output_dir).resolve()
         ok = job_return.status == JobStatus.COMPLETED
-        self.returned[str(job_dir)] = {"status": "completed" if ok else "failed", "monitor": config.get("monitor"),
+        self.returned[str(job_dir)] = {"status": "completed" if ok else FAILED, "monitor": config.get("monitor"),
                                        "value": job_return.return_value if ok else None}
+        if not ok:
+            self.returned[str(job_dir)]["reason"] = str(job_return._return_value).strip().splitlines()[0][:500]
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():  # the summary so far: a long sweep can be followed, a killed one still has it
+            write_summary(sweep_dir, self._rows(sweep_dir))
+
+    def _rows(self, sweep_dir: Path) -> list[dict]:
+        rows = []
+        for d in job_dirs(sweep_dir):
+            returned = self.returned.get(str(d.resolve()))
+            row = job_row(d, returned)
+            if row["status"] == FAILED and not row.get("reason") and returned:
+                row["reason"] = returned.get("reason")
+            rows.append(row)
+        return rows
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        dirs = job_dirs(sweep_dir) if sweep_dir.is_dir() else []
-        if not dirs:
+        rows = self._rows(sweep_dir) if sweep_dir.is_dir() else []
+        if not rows:
             return
-        rows = [job_row(d, self.returned.get(str(d.resolve()))) for d in dirs]
         print_table(f"sweep {sweep_dir}: {len(rows)} jobs", rows)
         csv_path, md_path = write_summary(sweep_dir, rows)
         print(f"[serengeti] sweep summary written to {csv_path} and {md_path.name}")
+        failed = [r["job"] for r in rows if r["status"] == FAILED]
+        if failed:  # SystemExit passes Hydra's callback guard: the sweep's exit status says it
+            raise SystemExit(f"error: {len(failed)} of {len(rows)} sweep jobs failed (job {', '.join(failed)}); "
+                             f"see {md_path}")

@@ -21,7 +21,7 @@ from serengeti.preemption import Preempted, Preemption
 from serengeti.registry import UnsafeConfigError
 from serengeti.resume import ExactResume
 from serengeti.run_config import fill_from_dataset
-from serengeti.run_record import process_cpu_seconds, write_run_record
+from serengeti.run_record import FAILED, process_cpu_seconds, write_run_record
 from serengeti.scale import apply_global_batch
 from serengeti.tasks.lm import LMTask
 from serengeti.validate import ConfigError, check_config, remove_fresh_run_dir  # ConfigError re-exported here
@@ -79,8 +79,11 @@ def _callbacks(cfg: DictConfig, nan_policy: str) -> list[pl.Callback]:
     return [*callbacks, ExactResume(), NonFiniteGuard(nan_policy), Preemption(checkpoint)]
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Train (and test) one configuration; returns the final metrics as floats."""
+def run(cfg: DictConfig, state: dict | None = None) -> dict[str, float]:
+    """Train (and test) one configuration; returns the final metrics as floats.
+
+    ``state``: filled with the trainer, parameter count and start times once training begins.
+    """
     cpu_start = process_cpu_seconds()
     check_config(cfg)  # before seeding: seed=abc is a config error too
     pl.seed_everything(cfg.seed, workers=True)  # a resumed run gets its RNG states back at its first batch
@@ -101,6 +104,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                                       plugins=[SafeCheckpointIO()])
     start = time.time()
+    if state is not None:  # what main() needs to record a run that fails from here on
+        state.update(trainer=trainer, n_params=n_params, start=start, cpu_start=cpu_start)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test_after_fit", True):
@@ -117,31 +122,76 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+_OURS = (Preempted, NonFiniteError, ConfigError, CheckpointError, UnsafeConfigError)
+
+
+def failure_message(e: BaseException) -> str:
+    """The one line a failed run ends with: ``error: <non-finite ...>``, ``config error: ...`` or
+    ``error while training: <type>: ...``."""
+    ours = _first_of(e, _OURS)
+    if isinstance(ours, NonFiniteError):
+        return f"error: {_first_line(str(ours))}"
+    if ours is not None:
+        return f"config error: {_first_line(str(ours))}"
+    return f"error while training: {type(e).__name__}: {_first_line(_root_cause(e))}"
+
+
+def in_multirun() -> bool:
+    """Whether this is one job of a ``-m`` sweep (Hydra's multirun mode)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def main(cfg: DictConfig) -> float | None:
     """Hydra task function: run, and turn every expected failure into one line and a non-zero exit.
 
     Config errors (also those raised while training starts: data, optimizer, first forward) remove
     the fresh run dir; a signal exits with 128 + its number after saving ``last.ckpt``; a non-finite
-    loss exits 1 keeping the last finite checkpoint. ``SERENGETI_DEBUG=1`` re-raises with the traceback.
+    loss exits 1 keeping the last finite checkpoint and a ``metrics.json`` with ``status: failed``.
+    In a ``-m`` sweep a failed job (other than a signal) is recorded as failed in its directory
+    instead and the sweep goes on; :class:`serengeti.sweep_summary.SweepSummary` shows it and exits
+    non-zero at the end. ``SERENGETI_DEBUG=1`` re-raises with the traceback.
     """
+    state: dict = {}
     try:
-        metrics = run(cfg)
+        metrics = run(cfg, state)
     except Exception as e:
         if os.environ.get("SERENGETI_DEBUG"):
             raise
-        ours = _first_of(e, (Preempted, NonFiniteError, ConfigError, CheckpointError, UnsafeConfigError))
+        ours = _first_of(e, _OURS)
         if isinstance(ours, Preempted):
             print(f"[serengeti] {ours}; resume with ckpt_path={ours.path or 'auto'}", file=sys.stderr)
             raise SystemExit(ours.exit_code) from None
-        if isinstance(ours, NonFiniteError):
-            raise SystemExit(f"error: {ours}") from None
-        remove_fresh_run_dir(cfg.paths.get("output_dir") if cfg.get("paths") else None)
-        if ours is not None:
-            raise SystemExit(f"config error: {_first_line(str(ours))}") from None
-        raise SystemExit(f"error while training: {type(e).__name__}: {_first_line(_root_cause(e))} "
-                         "(SERENGETI_DEBUG=1 shows the traceback)") from None
+        message = failure_message(e)
+        if ours is None:
+            message += " (SERENGETI_DEBUG=1 shows the traceback)"
+        output_dir = cfg.paths.get("output_dir") if cfg.get("paths") else None
+        sweep_job = in_multirun()
+        if output_dir and (sweep_job or isinstance(ours, NonFiniteError)):
+            _write_failure(output_dir, cfg, state, failure_message(e))
+        if sweep_job and output_dir:
+            print(f"[serengeti] job failed, the sweep goes on: {message}", file=sys.stderr)
+            return None
+        if not isinstance(ours, NonFiniteError):
+            remove_fresh_run_dir(output_dir)
+        raise SystemExit(message) from None
     value = metrics.get(cfg.get("monitor"))
     return None if value is None or math.isnan(value) else value
+
+
+def _write_failure(output_dir: str, cfg: DictConfig, state: dict, reason: str) -> None:
+    """``metrics.json`` with ``status: failed``, the reason and what the run logged before it stopped."""
+    trainer = state.get("trainer")
+    if trainer is not None and not trainer.is_global_zero:
+        return
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()} if trainer is not None else {}
+    start, cpu_start = state.get("start"), state.get("cpu_start")
+    write_run_record(output_dir, cfg, metrics, steps=trainer.global_step if trainer is not None else 0,
+                     wall_s=time.time() - start if start is not None else 0.0,
+                     cpu_s=process_cpu_seconds() - cpu_start if cpu_start is not None else 0.0,
+                     n_params=state.get("n_params"), status=FAILED, reason=reason)
 
 
 def _first_of(e: BaseException | None, types: tuple[type, ...]) -> BaseException | None:
