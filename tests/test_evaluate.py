@@ -219,3 +219,75 @@ def test_metrics_are_printed_before_they_are_written(trained, tmp_path, monkeypa
     with pytest.raises(EvalError, match=r"cannot write .*metrics.json \(No space left on device\); the results are printed"):
         evaluate(eval_cfg([f"ckpt={ckpt}", f"out={tmp_path / 'e' / 'metrics.json'}"], tmp_path / "e"))
     assert "val/loss" in capsys.readouterr().out
+
+
+# --- scoring at another sequence length --------------------------------------------------------------------
+def _untrained_ckpt(tmp_path: Path, overrides: list[str]) -> Path:
+    """A ``.ckpt`` laid out as train.py writes it (config + weights), for a model built but not trained."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from conftest import experiment_model_config
+    from serengeti.evaluate.perplexity import build_datamodule
+    from serengeti.models.lm import build_model
+
+    dataset_cfg = OmegaConf.to_container(compose_cfg(overrides).dataset, resolve=True)
+    model_cfg = experiment_model_config(overrides, l_max=build_datamodule(dataset_cfg).l_max)
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    stored = {"model": model_cfg, "dataset": dataset_cfg, "tokenizer": {"kind": "ids", "vocab_size": model_cfg["vocab_size"]}}
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"cfg": stored}, "global_step": 0}, path)
+    return path
+
+
+_TINY_IH = ["experiment=synthetics/induction_head/transformer_pp", "dataset.seq_len=16", "model.d_model=16",
+            "dataset.num_examples=64", "dataset.num_test_examples=24"]
+
+
+def test_seq_len_scores_the_recorded_task_at_another_length(tmp_path):
+    """seq_len=64 on a model trained at 16 regenerates the induction-head test set at 64 with the recorded task
+    settings (only its test examples): the accuracy is the one computed by hand on those sequences."""
+    import torch
+
+    from serengeti.checkpoint import load_model
+    from serengeti.data.synthetic_datamodule import SyntheticDataModule
+
+    ckpt = _untrained_ckpt(tmp_path, _TINY_IH)
+    res = evaluate(eval_cfg([f"ckpt={ckpt}", "seq_len=64", "split=test"], tmp_path / "e"))
+    assert res["seq_len"] == 64
+    model, cfg, _ = load_model(ckpt)
+    recorded = {k: v for k, v in cfg["dataset"].items() if k != "_target_"}
+    data = SyntheticDataModule(**{**recorded, "seq_len": 64, "num_examples": 0})
+    data.setup()
+    inputs, targets = data.test.inputs.long(), data.test.targets.long()
+    assert inputs.shape == (24, 65) and cfg["dataset"]["vocab_size"] == 20
+    with torch.no_grad():
+        predicted = model(inputs)[:, -1, :20].argmax(-1)
+    assert res["test/accuracy"] == pytest.approx((predicted == targets[:, -1]).double().mean().item(), abs=1e-9)
+    same = evaluate(eval_cfg([f"ckpt={ckpt}", "+dataset.num_test_examples=8", "split=test"], tmp_path / "s"))
+    assert same["seq_len"] == 16  # partial dataset overrides apply to the recorded dataset
+
+
+def test_learned_positions_refuse_a_longer_length(tmp_path):
+    ckpt = _untrained_ckpt(tmp_path, [*_TINY_IH[:1], "model=transformer", *_TINY_IH[1:]])
+    with pytest.raises(EvalError, match=r"^dataset sequences have 33 positions, more than the model's maximum sequence "
+                                        r"length 17: learned positions end at model.max_position_embeddings=17; "
+                                        r"lower dataset.seq_len$"):
+        evaluate(eval_cfg([f"ckpt={ckpt}", "seq_len=32"], tmp_path / "e"))
+
+
+def test_hyena_refuses_a_length_beyond_its_filters(tmp_path):
+    """Hyena's implicit filters cannot simply be evaluated at more positions: their positional features are
+    normalised to l_max (t = linspace(0, 1, l_max)), so a longer filter differs on the first positions too."""
+    import torch
+
+    from serengeti.mixers.hyena import PositionalEmbedding
+
+    ckpt = _untrained_ckpt(tmp_path, ["experiment=synthetics/induction_head/hyena", *_TINY_IH[1:]])
+    with pytest.raises(EvalError, match=r"33 positions, more than the model's maximum sequence length 17: Hyena "
+                                        r"\(block 0\): its implicit filters are defined on model.l_max=17 positions"):
+        evaluate(eval_cfg([f"ckpt={ckpt}", "seq_len=32"], tmp_path / "e"))
+    short, long = PositionalEmbedding(3, 17, lr_pos_emb=0.0), PositionalEmbedding(3, 34, lr_pos_emb=0.0)
+    assert not torch.allclose(short.z, long.z[:, :17])

@@ -59,8 +59,7 @@ def _closed_form(cfg: dict) -> int:
         mlp = D * 2 * hidden + hidden * D + ((2 * hidden + D) if bias else 0)
     else:
         mlp = D * d_inner + d_inner * D + ((d_inner + D) if bias else 0)
-    learned = cfg["max_position_embeddings"] if cfg["positions"] == "learned" else 0
-    total = vocab * D + learned * D + norm  # tied embedding/head, positions, ln_f
+    total = vocab * D + cfg["max_position_embeddings"] * D + norm  # tied embedding/head, positions, ln_f
     for i in range(n_layer):
         if i in cfg["attn_layer_idx"]:
             mixer = _mixer_count("Attention", D, cfg["attn_cfg"], cfg["l_max"])

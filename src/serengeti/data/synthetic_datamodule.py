@@ -25,7 +25,7 @@ class _Pairs(Dataset):
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
     """Store token ids in the smallest dtype that holds them (131K-token sets stay small)."""
-    if t.min() >= 0 and t.max() < 256:
+    if t.numel() == 0 or (t.min() >= 0 and t.max() < 256):  # empty: no training set (num_examples=0)
         return t.to(torch.uint8)
     if t.min() >= -32768 and t.max() < 32768:
         return t.to(torch.int16)
@@ -38,7 +38,8 @@ class SyntheticDataModule(pl.LightningDataModule):
     Batches are ``(inputs, targets)``, LongTensor (B, l_max); train targets score every position
     (``train_targets="all"``) or, for associative recall, only the recall positions (``"recall"``: the
     values whose key occurred earlier in the sequence, and the answer); validation/test targets score only
-    the measured ones. The validation set is the test set.
+    the measured ones. The validation set is the test set. ``num_examples=0`` draws no training set
+    (scoring only: evaluate.py at another length than training, docs/evaluate.md).
     """
 
     def __init__(self, task: str = "associative_recall", vocab_size: int = 10, seq_len: int = 64,

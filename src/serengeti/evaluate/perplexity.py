@@ -53,11 +53,11 @@ def check_position_buckets(value: Any) -> list[int] | None:
         raise EvalError(str(e)) from None
 
 
-def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any], max_seq_len: int | None = None) -> None:
+def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any], limit: tuple[int, str] | None = None) -> None:
     """Raise :class:`EvalError` if the dataset's vocabulary or length does not fit the checkpoint.
 
-    ``max_seq_len``: the longest input the loaded model accepts (``LMHeadModel.max_seq_len``;
-    ``None`` = any length, so a length-independent model can be scored beyond its training length).
+    ``limit``: ``(longest input, why)`` of the loaded model (``LMHeadModel.length_limit()``; ``None`` =
+    any length, so a length-independent model can be scored beyond its training length).
     """
     model_cfg = ckpt_cfg["model"]
     record = ckpt_cfg.get("tokenizer") or {}
@@ -74,9 +74,9 @@ def check_compatible(datamodule, ckpt_cfg: Mapping[str, Any], max_seq_len: int |
         raise EvalError("the dataset's character vocabulary differs from the checkpoint's (same size, other "
                         "characters): ids would mean other characters")
     data_len = getattr(datamodule, "l_max", None)
-    if max_seq_len is not None and data_len is not None and data_len > max_seq_len:
+    if limit is not None and data_len is not None and data_len > limit[0]:
         raise EvalError(f"dataset sequences have {data_len} positions, more than the model's maximum sequence length "
-                        f"{max_seq_len} (model.l_max or model.max_position_embeddings): lower dataset.seq_len")
+                        f"{limit[0]}: {limit[1]}; lower dataset.seq_len")
 
 
 def _trainer(device: str, precision: str) -> pl.Trainer:
@@ -100,7 +100,7 @@ def evaluate_model(model: torch.nn.Module, ckpt_cfg: Mapping[str, Any], datamodu
     """``{"<split>/loss", "<split>/perplexity", "<split>/accuracy"}`` of ``model`` on ``datamodule``.
 
     Args:
-        model: the LM (eval mode is set by Lightning). ckpt_cfg: its plain config (``model`` etc.).
+        model: the :class:`~serengeti.models.lm.LMHeadModel` (eval mode is set by Lightning). ckpt_cfg: its plain config (``model`` etc.).
         datamodule: built from a ``dataset`` config. split: ``val`` or ``test``.
         position_buckets: increasing boundaries ``[b1, ..., bk]``; adds ``<split>/loss_pos_0_b1``, ...,
             ``<split>/loss_pos_bk_end``: the mean loss over the scored targets at those positions of
@@ -110,7 +110,7 @@ def evaluate_model(model: torch.nn.Module, ckpt_cfg: Mapping[str, Any], datamodu
         raise EvalError(f"split={split!r} must be one of {SPLITS}")
     from serengeti.tasks.lm import LMTask
 
-    check_compatible(datamodule, ckpt_cfg, getattr(model, "max_seq_len", ckpt_cfg["model"].get("l_max")))
+    check_compatible(datamodule, ckpt_cfg, model.length_limit())
     task = LMTask(dict(ckpt_cfg), model=model, position_buckets=check_position_buckets(position_buckets))
     trainer = _trainer(device, precision)
     run = trainer.validate if split == "val" else trainer.test

@@ -32,6 +32,7 @@ log = logging.getLogger("serengeti")
 SETTINGS = (
     Rule("seed", "int", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
     Rule("batch_size", "int", lambda v: v >= 1, "an integer >= 1", nullable=True),
+    Rule("seq_len", "int", lambda v: v >= 1, "an integer >= 1 (null = the dataset's)", nullable=True),
     Rule("max_new_tokens", "int", lambda v: 1 <= v <= MAX_NEW_TOKENS, f"an integer >= 1 and <= {MAX_NEW_TOKENS}"),
     Rule("temperature", "number", lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
     Rule("top_k", "int", lambda v: v >= 1, "an integer >= 1", nullable=True),
@@ -138,24 +139,47 @@ def _only_split(dataset_cfg: dict, split: str) -> dict:
     return {**dataset_cfg, **{key: None for role, key in _ROLE_KEYS.items() if role != split and key in dataset_cfg}}
 
 
-def task_evaluate(cfg: DictConfig) -> dict:
-    """Loss, perplexity and accuracy on ``split`` of the dataset (the checkpoint's unless ``dataset=`` is given),
-    and with ``position_buckets`` the loss per bucket of positions in the window."""
-    path = _ckpt(cfg)
-    model, ckpt_cfg, _ = load_model(path, load_tokenizer=False)
-    if cfg.get("dataset") is not None:
-        dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
-    elif ckpt_cfg.get("dataset") is not None:
-        dataset_cfg = ckpt_cfg["dataset"]
+def scoring_dataset(cfg: DictConfig, ckpt_cfg: dict, path: str) -> dict:
+    """The plain dataset config to score on.
+
+    ``dataset=<name>`` (a config with a ``_target_``) replaces the checkpoint's dataset; without one,
+    the recorded dataset is used, with the keys of a partial ``dataset`` (``+dataset.key=value``)
+    replaced, and ``seq_len`` replaces ``dataset.seq_len``. A synthetic task scored at another length
+    than the recorded one draws only its test examples (``num_examples=0``): its test set is new at
+    that length anyway, and the training examples (``num_examples`` sequences of the new length) are
+    not needed. At the recorded length the test set is the one training scored.
+    """
+    given = OmegaConf.to_container(cfg.dataset, resolve=True) if cfg.get("dataset") is not None else {}
+    recorded = ckpt_cfg.get("dataset")
+    if "_target_" in given:
+        dataset_cfg = given
+    elif recorded is not None:
+        dataset_cfg = {**recorded, **given}
     else:
         raise EvalError(f"{path} records no dataset: pass dataset=<name> (one of configs/dataset/)")
+    if cfg.get("seq_len") is not None:
+        dataset_cfg["seq_len"] = int(cfg.seq_len)
+    other_length = recorded is not None and dataset_cfg.get("seq_len") != recorded.get("seq_len")
+    if other_length and "num_examples" in dataset_cfg:
+        dataset_cfg["num_examples"] = 0
+    return _only_split(dataset_cfg, str(cfg.split))
+
+
+def task_evaluate(cfg: DictConfig) -> dict:
+    """Loss, perplexity and accuracy on ``split`` of the dataset (:func:`scoring_dataset`: the checkpoint's,
+    optionally at another ``seq_len``, unless ``dataset=`` is given), and with ``position_buckets`` the loss
+    per bucket of positions in the window."""
+    path = _ckpt(cfg)
+    model, ckpt_cfg, _ = load_model(path, load_tokenizer=False)
+    dataset_cfg = scoring_dataset(cfg, ckpt_cfg, path)
     start = time.time()
-    datamodule = build_datamodule(_only_split(dataset_cfg, str(cfg.split)), cfg.get("batch_size"))
+    datamodule = build_datamodule(dataset_cfg, cfg.get("batch_size"))
     metrics = evaluate_model(model, ckpt_cfg, datamodule, split=cfg.split, device=_device(cfg),
                              precision=str(cfg.precision), position_buckets=cfg.get("position_buckets"))
-    result = {"ckpt": path, "dataset": dataset_cfg.get("_target_"), "split": cfg.split, **metrics,
-              "wall_s": time.time() - start}
-    _print_table(f"{Path(path).name} on {str(dataset_cfg.get('_target_')).rsplit('.', 1)[-1]} ({cfg.split})", metrics)
+    result = {"ckpt": path, "dataset": dataset_cfg.get("_target_"), "split": cfg.split,
+              "seq_len": dataset_cfg.get("seq_len"), **metrics, "wall_s": time.time() - start}
+    name = str(dataset_cfg.get("_target_")).rsplit(".", 1)[-1]
+    _print_table(f"{Path(path).name} on {name} (seq_len {dataset_cfg.get('seq_len')}, {cfg.split})", metrics)
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "metrics.json"
     _write_json(out, result)
     print(f"[serengeti] metrics written to {out}")
@@ -192,10 +216,10 @@ def task_generate(cfg: DictConfig) -> dict:
     device = _device(cfg)
     model, _, tokenizer = load_model(path, device=device, tokenizer=cfg.get("tokenizer"))
     ids = _prompt_ids(cfg, tokenizer, model.vocab_size)
-    max_len = model.max_seq_len  # None: the model takes any length (S5, Hyena-S5, H3, position-free attention)
-    if max_len is not None and len(ids) > max_len:
-        raise EvalError(f"prompt has {len(ids)} tokens, longer than the model's maximum sequence length {max_len} "
-                        "(model.l_max or model.max_position_embeddings)")
+    limit = model.length_limit()  # None: the model takes any length (S5, Hyena-S5, H3, position-free attention)
+    max_len = None if limit is None else limit[0]
+    if limit is not None and len(ids) > max_len:
+        raise EvalError(f"prompt has {len(ids)} tokens, longer than the model's maximum sequence length {max_len}: {limit[1]}")
     if max_len is not None and len(ids) + cfg.max_new_tokens - 1 > max_len:
         raise EvalError(f"prompt ({len(ids)} tokens) + max_new_tokens={cfg.max_new_tokens} exceeds the model's maximum "
                         f"sequence length {max_len}: lower max_new_tokens to at most {max_len - len(ids) + 1}")

@@ -59,6 +59,10 @@ class Mixer(nn.Module):
         (Hyena) return ``l_max``."""
         return None
 
+    def max_seq_len_reason(self) -> str:
+        """Why :attr:`max_seq_len` bounds this mixer, naming the config key (shown when a longer input is refused)."""
+        return f"its parameters are sized by model.l_max={self.l_max}"
+
     def forward(self, x: torch.Tensor, state: Any | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__}.forward is abstract")
 

@@ -250,6 +250,11 @@ class Hyena(GatedConvMixer):
         """``l_max``: the implicit filters are defined (and normalised) on l_max positions."""
         return self.l_max
 
+    def max_seq_len_reason(self) -> str:
+        """The implicit filters cannot be evaluated at more positions: their features are normalised to l_max."""
+        return (f"its implicit filters are defined on model.l_max={self.l_max} positions, with positional features "
+                "normalised to that length (a longer filter is another filter)")
+
     def filters(self, L: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(h, beta)``: filters (N-1, D, L) and skip terms (N-1, D); index o pairs with x_{N-1-o}."""
         n = self.order - 1

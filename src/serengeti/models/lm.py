@@ -150,8 +150,8 @@ class LMHeadModel(nn.Module):
         attn_cfg: keyword arguments of :class:`Attention` for those blocks (num_heads, dropout, ...).
         positions: ``learned`` (an absolute position table of ``max_position_embeddings`` rows added to
             the embeddings), ``rotary`` (every attention block rotates its queries and keys; needs at
-            least one attention block) or ``none``. ``None`` (configs written before this option):
-            ``learned`` when ``max_position_embeddings > 0``, else ``none``.
+            least one attention block) or ``none``. ``None`` (the default, and configs written before
+            this option): ``learned`` when ``max_position_embeddings > 0``, else ``none``.
         max_position_embeddings: rows of the learned table; must be > 0 with ``learned`` and 0 otherwise.
         l_max: maximum sequence length, passed to mixers that size filters by it.
         embed_dropout: dropout on the embeddings (block 0's dropout1); resid_dropout: every other dropout.
@@ -238,13 +238,27 @@ class LMHeadModel(nn.Module):
 
     @property
     def max_seq_len(self) -> int | None:
-        """Longest input the model accepts: the smallest bound of its mixers (``Mixer.max_seq_len``;
-        a module without one counts as bounded by ``l_max``) and of its learned positions;
-        ``None`` = any length (e.g. S5, Hyena-S5, H3 and position-free attention)."""
-        bounds = [getattr(layer.mixer, "max_seq_len", self.l_max) for layer in self.layers]
+        """Longest input the model accepts (the bound of :meth:`length_limit`); ``None`` = any length
+        (e.g. S5, Hyena-S5, H3, the long convolution, and attention without learned positions)."""
+        limit = self.length_limit()
+        return None if limit is None else limit[0]
+
+    def length_limit(self) -> tuple[int, str] | None:
+        """``(bound, reason)`` of the tightest length bound, the reason naming its config key; ``None`` = any length.
+
+        The bounds: learned positions (``model.max_position_embeddings``) and each mixer's
+        ``max_seq_len`` (a module without one counts as bounded by ``l_max``).
+        """
+        limits = []
         if self.position_embeddings is not None:
-            bounds.append(self.max_position_embeddings)
-        return min((b for b in bounds if b is not None), default=None)
+            n = self.max_position_embeddings
+            limits.append((n, f"learned positions end at model.max_position_embeddings={n}"))
+        for i, layer in enumerate(self.layers):
+            bound = getattr(layer.mixer, "max_seq_len", self.l_max)
+            if bound is not None:
+                why = layer.mixer.max_seq_len_reason() if hasattr(layer.mixer, "max_seq_len_reason") else f"model.l_max={bound}"
+                limits.append((bound, f"{type(layer.mixer).__name__} (block {i}): {why}"))
+        return min(limits, key=lambda limit: limit[0], default=None)
 
     def embed(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """input_ids: (B, L) -> (B, L, D)."""
