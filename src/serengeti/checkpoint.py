@@ -17,7 +17,7 @@ are present when the checkpoint recorded them. A tokenizer record is one of::
     {"kind": "ids", "vocab_size": V}       # synthetic tasks: no text, token ids are the interface
 
 Public API: :func:`load_model`, :func:`read_checkpoint`, :func:`load_weights`,
-:func:`save_pretrained`, :func:`export`, :func:`tokenizer_record`, :func:`tokenizer_from_record`.
+:func:`save_pretrained`, :func:`check_export_target`, :func:`export`, :func:`tokenizer_record`, :func:`tokenizer_from_record`.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import torch
 
+from serengeti.atomic import input_clash, replace_dir
 from serengeti.models.lm import LMHeadModel, build_model
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,10 @@ def tokenizer_from_record(record: Mapping | None, root: str | os.PathLike | None
 
     if override is not None:
         eos = (record or {}).get("eos_token", DEFAULT_EOS_TOKEN)
-        return load_tokenizer(override, eos_token=eos)
+        try:
+            return load_tokenizer(override, eos_token=eos)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"tokenizer={override!r} could not be loaded ({_first_line(e)})") from e
     if not record or record.get("kind") == "ids":
         return None
     kind = record.get("kind")
@@ -243,23 +247,68 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", t
 
 # -- writing ---------------------------------------------------------------------------------------
 
+def check_export_target(out: str | os.PathLike, *, overwrite: bool, inputs: Mapping[str, Any] = {},
+                        key: str = "out") -> None:
+    """Raise :class:`CheckpointError` unless an export may be written to ``out``.
+
+    ``out`` must not touch any of ``inputs`` (``{setting: path}``, e.g. the checkpoint being
+    read). An existing ``out`` is replaced only with ``overwrite``, and only when it is an empty
+    directory or an export written by serengeti (nothing but its marker files: ``config.json``
+    with ``"format": "serengeti"``, ``model.safetensors``, optionally ``tokenizer.json``) — never
+    a run directory, another directory, a file or a symbolic link.
+    """
+    out = Path(out).expanduser()
+    if (clash := input_clash(out, inputs)) is not None:
+        raise CheckpointError(f"{key}={out} would overwrite the input {clash}; choose another directory")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise CheckpointError(f"{key}={out} already exists (pass overwrite=true to replace an export)")
+    why = _not_an_export(out)
+    if why is not None:
+        raise CheckpointError(f"{key}={out} is not an export written by serengeti ({why}); "
+                              "overwrite replaces nothing else: choose another directory")
+
+
+def _not_an_export(path: Path) -> str | None:
+    """Why ``path`` may not be replaced as an export, or ``None`` (an export of ours, or an empty directory)."""
+    if path.is_symlink():
+        return "a symbolic link"
+    if not path.is_dir():
+        return "a file"
+    names = sorted(os.listdir(path))
+    if not names:
+        return None
+    foreign = [n for n in names if n not in (WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME)]
+    if foreign:
+        return f"it holds {foreign[0]!r}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
+    if WEIGHTS_NAME not in names or CONFIG_NAME not in names:
+        return f"no {WEIGHTS_NAME} + {CONFIG_NAME}"
+    try:
+        marker = json.loads((path / CONFIG_NAME).read_text()).get("format")
+    except Exception:
+        marker = None
+    return None if marker == "serengeti" else f"its {CONFIG_NAME} is not serengeti's"
+
+
 def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike, *, tokenizer: Any = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, inputs: Mapping[str, Any] = {}) -> Path:
     """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) to ``out`` atomically.
 
-    The directory is assembled under a temporary name beside ``out`` and renamed into place, so a
-    crash leaves either the old directory or the complete new one. Tied weights are stored once.
+    The directory is assembled under a temporary name beside ``out`` and swapped into place
+    (:func:`serengeti.atomic.replace_dir`), so ``out`` always holds the old export or the complete
+    new one. Tied weights are stored once.
 
     Args:
         model: the LM. cfg: plain config with ``model`` (``dataset``/``tokenizer`` kept when present).
         out: target directory. tokenizer: a BPE tokenizer whose ``tokenizer.json`` is written too.
-        overwrite: replace an existing ``out``.
+        overwrite: replace an existing export at ``out`` (:func:`check_export_target` says which may be).
+        inputs: ``{setting: path}`` that ``out`` must not touch (the checkpoint being read).
     """
     from safetensors.torch import save_file
 
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"out={out} already exists (pass overwrite=true to replace it)")
+    check_export_target(out, overwrite=overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     aliases = _tied_aliases(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
@@ -273,13 +322,10 @@ def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike
         if backend is not None:
             (tmp / TOKENIZER_NAME).write_text(backend.to_str())
         _apply_umask(tmp)  # mkdtemp makes 0700 and safetensors 0600: give them the modes of any new file
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(out):
+            replace_dir(tmp, out)
+        else:
+            os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -315,6 +361,7 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     The tokenizer is copied in when it can be loaded; if not, a warning is logged and the record
     alone is kept (loading the export then needs the tokenizer where it was at training time).
     """
+    check_export_target(out, overwrite=overwrite, inputs={"ckpt": ckpt})  # before any work
     model, cfg, _ = load_model(ckpt, load_tokenizer=False)
     tok = recorded_tokenizer(cfg, ckpt if Path(ckpt).is_dir() else None)
-    return save_pretrained(model, cfg, out, tokenizer=tok, overwrite=overwrite)
+    return save_pretrained(model, cfg, out, tokenizer=tok, overwrite=overwrite, inputs={"ckpt": ckpt})

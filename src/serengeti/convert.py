@@ -396,11 +396,13 @@ def convert(source_format: str, in_path: str | os.PathLike, out_dir: str | os.Pa
     filled) before anything is written; the directory is written atomically by
     :func:`serengeti.checkpoint.save_pretrained`.
     """
-    from serengeti.checkpoint import load_weights, save_pretrained
+    from serengeti.checkpoint import check_export_target, load_weights, save_pretrained
     from serengeti.tasks.lm import build_model
 
     if source_format not in CONVERTERS:
         raise ConversionError(f"--from {source_format!r}: expected one of {sorted(CONVERTERS)}")
+    inputs = {"input": in_path, "--tokenizer": tokenizer}
+    check_export_target(out_dir, overwrite=overwrite, inputs=inputs, key="out_dir")  # before reading gigabytes
     sd = load_reference_state(in_path)
     kwargs: dict[str, Any] = {"source": str(in_path), "vocab_size": vocab_size, "num_heads": num_heads}
     if source_format == "safari-hyena":
@@ -413,7 +415,7 @@ def convert(source_format: str, in_path: str | os.PathLike, out_dir: str | os.Pa
     load_weights(model, {k: v.to(dtype) for k, v in state.items()}, in_path)
     tok, record = _tokenizer_for(tokenizer, model_cfg["vocab_size"])
     cfg = {"model": model_cfg, "tokenizer": record}
-    return save_pretrained(model, cfg, out_dir, tokenizer=tok, overwrite=overwrite)
+    return save_pretrained(model, cfg, out_dir, tokenizer=tok, overwrite=overwrite, inputs=inputs)
 
 
 def _bool(text: str) -> bool:
@@ -445,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="Hyena exponential modulation on/off (not stored in the weights; default true)")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer.json or a local GPT-2 directory to copy into the export")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing export at out_dir (nothing else)")
     args = ap.parse_args(argv)
     try:
         out = convert(args.source_format, args.input, args.out_dir, vocab_size=args.vocab_size,

@@ -24,7 +24,8 @@ from serengeti.run_config import fill_from_dataset
 from serengeti.run_record import FAILED, process_cpu_seconds, write_run_record
 from serengeti.scale import apply_global_batch
 from serengeti.tasks.lm import LMTask
-from serengeti.validate import ConfigError, check_config, remove_fresh_run_dir  # ConfigError re-exported here
+from serengeti.run_dirs import remove_fresh_run_dir
+from serengeti.validate import ConfigError, check_config  # ConfigError re-exported here
 
 log = logging.getLogger("serengeti")
 

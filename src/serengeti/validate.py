@@ -12,10 +12,8 @@ integer >= 1``.
 from __future__ import annotations
 
 import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -216,11 +214,3 @@ def check_config(cfg: DictConfig) -> None:
         check_choice(cfg, "trainer.precision", precisions)
     _check_schedule_length(cfg)
 
-
-def remove_fresh_run_dir(output_dir: str | Path | None) -> None:
-    """Delete a run dir that holds nothing but Hydra's own files (its ``.hydra`` folder and the log)."""
-    if not output_dir:
-        return
-    out = Path(output_dir)
-    if out.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in out.iterdir()):
-        shutil.rmtree(out, ignore_errors=True)

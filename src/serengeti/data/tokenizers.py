@@ -154,14 +154,32 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts)
 
 
+def _json_object(path: Path) -> dict:
+    """The JSON object in ``path``, or ``{}`` when it holds something else (``AutoTokenizer`` then says what is wrong)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _from_auto(name: str, eos_token: str) -> BPETokenizer:
+    """``AutoTokenizer`` without custom code: a tokenizer that needs its own Python code (``auto_map``)
+    is refused in one line, never run and never asked about on a terminal."""
     from transformers import AutoTokenizer
 
+    local_config = Path(name) / "tokenizer_config.json"
+    if local_config.is_file() and "auto_map" in _json_object(local_config):
+        raise ValueError(f"dataset.tokenizer={name!r}: {local_config} names custom code (auto_map), which serengeti "
+                         "never runs; point dataset.tokenizer at its tokenizer.json")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except OSError as err:
         raise OSError(f"dataset.tokenizer={name!r} could not be loaded with AutoTokenizer ({err}). Offline, point "
                       "dataset.tokenizer at a local directory with tokenizer.json or vocab.json + merges.txt") from err
+    except ValueError as err:  # custom code on the hub (trust_remote_code=False refuses it), a bad config
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"dataset.tokenizer={name!r} could not be loaded without running its own code ({first})") from err
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"dataset.tokenizer={name!r} has no fast (Rust) backend; the pipeline needs one")

@@ -19,12 +19,13 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from serengeti.checkpoint import CheckpointError, export, load_model
-from serengeti.atomic import atomic_write_text
+from serengeti.atomic import atomic_write_text, input_clash
+from serengeti.checkpoint import CheckpointError, check_export_target, export, load_model
 from serengeti.evaluate import EvalError
 from serengeti.evaluate.perplexity import build_datamodule, check_position_buckets, evaluate_model
 from serengeti.generation import MAX_NEW_TOKENS, check_memory, generate
-from serengeti.validate import ConfigError, Rule, check_choice, check_rule, lightning_precisions, remove_fresh_run_dir
+from serengeti.run_dirs import remove_fresh_run_dir
+from serengeti.validate import ConfigError, Rule, check_choice, check_rule, lightning_precisions
 
 log = logging.getLogger("serengeti")
 
@@ -58,11 +59,37 @@ def check_settings(cfg: DictConfig) -> None:
     if task in ("evaluate", "lm_eval"):
         default = Path(cfg.paths.output_dir) / ("metrics.json" if task == "evaluate" else "lm_eval.json")
         out = Path(cfg.out) if cfg.get("out") else default
+        if (clash := input_clash(out, input_paths(cfg))) is not None:
+            raise EvalError(f"out={out} would overwrite the input {clash}: give another path for the JSON file")
         if out.is_dir():
             raise EvalError(f"out={out} is a directory: give the path of the JSON file to write")
         check_writable(out.parent, "out" if cfg.get("out") else "paths.output_dir")
     elif task == "export" and cfg.get("out"):
+        check_export_target(cfg.out, overwrite=bool(cfg.get("overwrite")), inputs=input_paths(cfg))
         check_writable(Path(cfg.out), "out")
+
+
+def input_paths(cfg: DictConfig) -> dict[str, Any]:
+    """``{setting: value}`` of everything this command reads: the checkpoint, the tokenizer, the lm_eval
+    task folder and the dataset's string settings but its cache (values that are no path are skipped
+    by :func:`serengeti.atomic.input_clash`)."""
+    inputs = {key: cfg.get(key) for key in ("ckpt", "tokenizer", "include_path")}
+    dataset = cfg.get("dataset")
+    if OmegaConf.is_dict(dataset):
+        for key, value in _leaves("dataset", OmegaConf.to_container(dataset, resolve=True)):
+            if isinstance(value, str) and not key.endswith("cache_dir"):
+                inputs[key] = value
+    return inputs
+
+
+def _leaves(prefix: str, value: Any):
+    """``(dotted key, value)`` of every leaf of nested dicts and lists."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+    if items is None:
+        yield prefix, value
+        return
+    for k, v in items:
+        yield from _leaves(f"{prefix}.{k}" if isinstance(value, dict) else f"{prefix}[{k}]", v)
 
 
 def check_writable(directory: Path, key: str) -> None:
@@ -253,7 +280,7 @@ def task_export(cfg: DictConfig) -> dict:
     path = _ckpt(cfg)
     if not cfg.get("out"):
         raise EvalError("out is not set: pass out=<directory to write the exported model to>")
-    out = export(path, cfg.out, overwrite=bool(cfg.get("overwrite")))
+    out = export(path, cfg.out, overwrite=bool(cfg.get("overwrite")))  # checks what out may replace
     print(f"[serengeti] exported {path} -> {out}")
     return {"ckpt": path, "out": str(out)}
 
