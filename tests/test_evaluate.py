@@ -105,7 +105,7 @@ def test_char_model_text_in_text_out(shared_data, tmp_path):
     """Tiny Shakespeare (char tokenizer): the tokenizer travels in the checkpoint and the export."""
     text = shared_data / "tinyshakespeare" / "input.txt"
     metrics, ckpt = _train(tmp_path, ["dataset=tinyshakespeare", f"dataset.path={text}", "dataset.seq_len=32",
-                                      "dataset.batch_size=4", "+dataset.max_eval_tokens=2048", "trainer.max_steps=3",
+                                      "dataset.batch_size=4", "dataset.max_eval_tokens=2048", "trainer.max_steps=3",
                                       "trainer.limit_train_batches=3", f"paths.cache_dir={tmp_path / 'cache'}",
                                       "model=transformer", "model.d_model=16"])
     res = evaluate(eval_cfg([f"ckpt={ckpt}"], tmp_path / "e"))

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 _QUIET = ["logger=none", "trainer.enable_progress_bar=false", "~callbacks.rich_model_summary",
           "~callbacks.rich_progress_bar", "test_after_fit=false"]
 _TINY = ["model=transformer", "model.d_model=16", "dataset.seq_len=32", "dataset.batch_size=4",
-         "trainer.max_steps=3", "trainer.limit_train_batches=3", "+dataset.max_eval_tokens=1024"]
+         "trainer.max_steps=3", "trainer.limit_train_batches=3", "dataset.max_eval_tokens=1024"]
 
 
 def _need_shared_data() -> Path:
@@ -168,7 +168,7 @@ def test_evaluate_on_a_dataset_without_train_split(exported, tmp_path):
     _, _, export_dir, _ = exported
     data = SHARED_DATA
     overrides = [f"ckpt={export_dir}", "dataset=wikitext2", f"dataset.path={data / 'wikitext' / 'wikitext-2-raw'}",
-                 f"dataset.tokenizer={data / 'gpt2'}", "dataset.seq_len=32", "+dataset.max_eval_tokens=512",
+                 f"dataset.tokenizer={data / 'gpt2'}", "dataset.seq_len=32", "dataset.max_eval_tokens=512",
                  f"paths.cache_dir={tmp_path / 'cache'}"]
     res = evaluate(eval_cfg(overrides + ["split=test"], tmp_path / "e"))
     assert res["split"] == "test" and 1.0 < res["test/perplexity"] < 1e6

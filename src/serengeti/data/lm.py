@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from serengeti.data.samplers import seeded_loader
+from serengeti.data.hub import HubNeed, check_hub_needs, dataset_cached, tokenizer_cached
 from serengeti.data.sources import HFDataset, LocalFiles, read_text_file
 from serengeti.data.token_cache import TokenArray, build_locked, cache_paths, ensure_tokens, read_cache, write_tokens
-from serengeti.data.tokenizers import DEFAULT_EOS_TOKEN, CharTokenizer, load_tokenizer
+from serengeti.data.tokenizers import DEFAULT_EOS_TOKEN, CharTokenizer, hub_tokenizer_name, load_tokenizer
 from serengeti.data.windows import (
     EvalSampler,
     EvalWindows,
@@ -88,6 +89,7 @@ class LMDataModule(pl.LightningDataModule):
         if eval_stride is not None and not 1 <= eval_stride <= seq_len:
             raise ValueError(f"dataset.eval_stride={eval_stride} must be in [1, dataset.seq_len={seq_len}]")
         self.source = source
+        self._check_hub(tokenizer)  # offline: fail in seconds, naming dataset.path / dataset.tokenizer
         self.seq_len = self.l_max = int(seq_len)
         self.batch_size, self.batch_size_eval = int(batch_size), int(batch_size_eval or batch_size)
         self.add_eos, self.seed, self.num_workers = bool(add_eos), int(seed), int(num_workers)
@@ -103,6 +105,19 @@ class LMDataModule(pl.LightningDataModule):
         self.tokenizer = self._make_tokenizer(tokenizer, eos_token)
         self.vocab_size = int(self.tokenizer.vocab_size)
         self.tokens: dict[str, TokenArray] = {}
+
+    #: what ``dataset.path`` should point at offline (the error of :meth:`_check_hub` shows it)
+    LOCAL_PATH_HINT = "<local copy of the data>"
+
+    def _check_hub(self, tokenizer) -> None:
+        needs = []
+        if isinstance(self.source, HFDataset):
+            needs.append(HubNeed("dataset.path", self.LOCAL_PATH_HINT, dataset_cached(self.source.hf_name)))
+        name = hub_tokenizer_name(tokenizer)
+        if name is not None:
+            needs.append(HubNeed("dataset.tokenizer", "<dir with tokenizer.json, or vocab.json + merges.txt>",
+                                 tokenizer_cached(name)))
+        check_hub_needs(needs)
 
     # -- tokenizer -------------------------------------------------------------------------
     def _make_tokenizer(self, spec, eos_token: str):
@@ -252,6 +267,8 @@ class WikiText(LMDataModule):
         **kwargs: :class:`LMDataModule` arguments.
     """
 
+    LOCAL_PATH_HINT = "<dir with wiki.{train,valid,test}.raw>"
+
     def __init__(self, path: str | None = None, hf_name: str = "wikitext", hf_config: str = "wikitext-103-raw-v1",
                  name: str | None = None, **kwargs) -> None:
         name = name or hf_config
@@ -297,6 +314,8 @@ class OpenWebText(LMDataModule):
         **kwargs: :class:`LMDataModule` arguments (``test_split`` defaults to ``None``).
     """
 
+    LOCAL_PATH_HINT = "<dir of .txt documents or .jsonl/.parquet files>"
+
     def __init__(self, path: str | None = None, hf_name: str = "Skylion007/openwebtext", *, text_field: str = "text",
                  val_ratio: float = 0.0005, val_seed: int = 2357, name: str = "openwebtext", **kwargs) -> None:
         if path is not None:
@@ -324,6 +343,8 @@ class TinyShakespeare(LMDataModule):
         **kwargs: :class:`LMDataModule` arguments; ``tokenizer`` defaults to ``"char"`` and
             ``add_eos`` to ``False`` (the text is one document).
     """
+
+    LOCAL_PATH_HINT = "<input.txt>"
 
     def __init__(self, path: str | None = None, hf_name: str = "karpathy/tiny_shakespeare",
                  split_fractions: Sequence[float] = (0.9, 0.05, 0.05), name: str = "tinyshakespeare", **kwargs) -> None:
@@ -390,6 +411,8 @@ class Pile(LMDataModule):
         shuffle_buffer: windows held by the bounded shuffle buffer of each stream shard.
         **kwargs: :class:`LMDataModule` arguments (``max_eval_tokens`` limits validation/test).
     """
+
+    LOCAL_PATH_HINT = "<dir with train/*.jsonl.zst, val.jsonl.zst, test.jsonl.zst>"
 
     def __init__(self, path: str | None = None, hf_name: str = "monology/pile-uncopyrighted", *,
                  text_field: str = "text", max_tokens: int | None = None, shuffle_buffer: int = 1000,

@@ -144,9 +144,22 @@ def load_tokenizer(spec: str | Mapping | os.PathLike, *, eos_token: str = DEFAUL
             return _from_vocab_merges(path / "vocab.json", path / "merges.txt", eos_token, name=spec)
         raise FileNotFoundError(f"dataset.tokenizer={spec!r} is a directory without tokenizer.json, "
                                 "tokenizer_config.json or a vocab.json + merges.txt pair")
-    if spec.startswith((".", "/", "~")) or os.sep in spec and not _looks_like_hub_id(spec):
+    if hub_tokenizer_name(spec) is None:
         raise FileNotFoundError(f"dataset.tokenizer={spec!r}: no such file or directory")
     return _from_auto(spec, eos_token)
+
+
+def hub_tokenizer_name(spec) -> str | None:
+    """``spec`` when :func:`load_tokenizer` would fetch it from the Hugging Face hub (``"gpt2"``,
+    ``"org/name"``), ``None`` for local files, mappings and ``"char"``."""
+    if isinstance(spec, Mapping) or spec is None:
+        return None
+    spec = str(spec)
+    if spec == "char" or Path(spec).expanduser().exists():
+        return None
+    if spec.startswith((".", "/", "~")) or os.sep in spec and not _looks_like_hub_id(spec):
+        return None
+    return spec
 
 
 def _looks_like_hub_id(spec: str) -> bool:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from serengeti.atomic import atomic_write_text, input_clash
-from serengeti.checkpoint import CheckpointError, check_export_target, export, load_model
+from serengeti.checkpoint import TOKENIZER_NAME, CheckpointError, check_export_target, export, load_model
 from serengeti.evaluate import EvalError
 from serengeti.evaluate.perplexity import build_datamodule, check_position_buckets, evaluate_model
 from serengeti.generation import MAX_NEW_TOKENS, check_memory, generate
@@ -192,13 +192,40 @@ def scoring_dataset(cfg: DictConfig, ckpt_cfg: dict, path: str) -> dict:
     return _only_split(dataset_cfg, str(cfg.split))
 
 
+def recorded_tokenizer(path: str, ckpt_cfg: dict) -> str | None:
+    """The BPE tokenizer the model was trained with, as a local ``dataset.tokenizer`` spec: the export's
+    ``tokenizer.json``, or the recorded name when it is a local file or directory; else ``None``."""
+    record = ckpt_cfg.get("tokenizer") or {}
+    if record.get("kind") != "bpe":
+        return None
+    exported = Path(path) / TOKENIZER_NAME
+    if Path(path).is_dir() and exported.is_file():
+        return str(exported)
+    name = record.get("name")
+    return name if isinstance(name, str) and Path(name).expanduser().exists() else None
+
+
+def _with_model_tokenizer(dataset_cfg: dict, path: str, ckpt_cfg: dict, override: Any) -> dict:
+    """``dataset_cfg`` with the tokenizer that matches the model: ``tokenizer=`` when given, else the one
+    recorded with the checkpoint (:func:`recorded_tokenizer`), so scoring needs no hub; char vocabularies
+    (built from the data) are left alone."""
+    if dataset_cfg.get("tokenizer") == "char":
+        return dataset_cfg
+    spec = override if override is not None else recorded_tokenizer(path, ckpt_cfg)
+    if spec is None or spec == dataset_cfg.get("tokenizer"):
+        return dataset_cfg
+    source = "tokenizer=" if override is not None else "the checkpoint's own tokenizer"
+    print(f"[serengeti] tokenizer: {spec} ({source}, instead of dataset.tokenizer={dataset_cfg.get('tokenizer')!r})")
+    return {**dataset_cfg, "tokenizer": spec}
+
+
 def task_evaluate(cfg: DictConfig) -> dict:
     """Loss, perplexity and accuracy on ``split`` of the dataset (:func:`scoring_dataset`: the checkpoint's,
     optionally at another ``seq_len``, unless ``dataset=`` is given), and with ``position_buckets`` the loss
     per bucket of positions in the window."""
     path = _ckpt(cfg)
     model, ckpt_cfg, _ = load_model(path, load_tokenizer=False)
-    dataset_cfg = scoring_dataset(cfg, ckpt_cfg, path)
+    dataset_cfg = _with_model_tokenizer(scoring_dataset(cfg, ckpt_cfg, path), path, ckpt_cfg, cfg.get("tokenizer"))
     start = time.time()
     datamodule = build_datamodule(dataset_cfg, cfg.get("batch_size"))
     metrics = evaluate_model(model, ckpt_cfg, datamodule, split=cfg.split, device=_device(cfg),
