@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MIXERS, compose_cfg, mixer_overrides
-from serengeti.generation import _tensor_bytes, check_memory, generate, memory_needed, sample
+from serengeti.generation import _tensor_bytes, check_memory, generate, memory_needed, sample, state_size, state_size_by_block
 from serengeti.tasks.lm import build_model
 V, L_MAX = 13, 40
 
@@ -102,3 +102,46 @@ def test_memory_estimate_counts_the_kv_cache_and_refuses_what_cannot_fit():
     with pytest.raises(ValueError, match=r"^num_samples=1000000000 x \(prompt 4 \+ max_new_tokens=100 tokens\) needs "
                                          r"about .* GiB .* free on cpu: lower num_samples or max_new_tokens$"):
         check_memory(model, 10**9, 4, 100, "cpu")
+
+
+def _state_size_cases():
+    """name -> (mixer factory, floats per block counted by hand) for D = 16, seq_len = 32."""
+    import functools
+
+    from serengeti.mixers import H3, S5, Attention, Hyena, HyenaS5, LongConv
+
+    D, L, K = 16, 32, 3  # K: short-conv taps, the last K - 1 projected inputs (of width (order + 1) D) are kept
+    return {
+        "attention": (functools.partial(Attention, num_heads=2), 2 * D * L),  # k and v of every position
+        "h3": (functools.partial(H3, d_state=8), D * 8 + D * (8 // 2) * 2),  # shift history + complex diag state
+        "h3_heads": (functools.partial(H3, d_state=8, head_dim=2), D * 8 + (D // 2) * 2 * 2 * (8 // 2) * 2),
+        "hyena": (functools.partial(Hyena, filter_order=8), (K - 1) * 3 * D + 1 * D * L),  # + one long conv's inputs
+        "hyena3": (functools.partial(Hyena, order=3, filter_order=8, emb_dim=5), (K - 1) * 4 * D + 2 * D * L),
+        "longconv": (functools.partial(LongConv, channels=2), D * L),  # the inputs, whatever the kernels per channel
+        "s5": (functools.partial(S5, ssm_size=8, blocks=2), (8 // 2) * 2),  # conj_sym: 4 complex states, MIMO
+        "hyena_s5": (functools.partial(HyenaS5, ssm_size=8, blocks=2), (K - 1) * 3 * D + (8 // 2) * 2),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_state_size_cases()))
+def test_state_size_matches_a_hand_count(name):
+    """state_size reads the floats one sequence carries from allocate_state; hybrids add attention's KV cache."""
+    from serengeti.models.lm import LMHeadModel
+
+    mixer, per_block = _state_size_cases()[name]
+    model = LMHeadModel(d_model=16, n_layer=2, vocab_size=V, mixer=mixer, l_max=32)
+    assert state_size_by_block(model, 32) == [per_block, per_block]
+    assert state_size(model, 32) == 2 * per_block
+    hybrid = LMHeadModel(d_model=16, n_layer=2, vocab_size=V, mixer=mixer, l_max=32, attn_layer_idx=[1])
+    assert state_size_by_block(hybrid, 32) == [per_block, 2 * 16 * 32]
+
+
+def test_state_size_needs_a_recurrent_mode():
+    import functools
+
+    from serengeti.mixers import S5, StateError
+    from serengeti.models.lm import LMHeadModel
+
+    model = LMHeadModel(d_model=16, n_layer=1, vocab_size=V, mixer=functools.partial(S5, ssm_size=8, bidirectional=True), l_max=32)
+    with pytest.raises(StateError, match="no recurrent mode"):
+        state_size(model, 32)

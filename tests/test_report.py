@@ -17,12 +17,15 @@ from serengeti.atomic import atomic_write_text
 from serengeti.run_record import RECORD_NAME
 
 
-def _fake_run(path: Path, mixer: str, vocab: int, seed: int, acc: float, curve: list[tuple[int, float]] = ()) -> None:
+def _fake_run(path: Path, mixer: str, vocab: int, seed: int, acc: float, curve: list[tuple[int, float]] = (),
+              state_size: int | None = None) -> None:
     (path / ".hydra").mkdir(parents=True)
     cfg = {"seed": seed, "model": {"mixer": {"_target_": f"serengeti.mixers.{mixer}"}}, "dataset": {"vocab_size": vocab},
            "paths": {"output_dir": "${hydra:runtime.output_dir}"}}  # unresolvable outside Hydra, as in real runs
     OmegaConf.save(OmegaConf.create(cfg), path / ".hydra" / "config.yaml")
     record = {"metrics": {"test/accuracy": acc}, "steps": 100, "wall_s": 10.0 * seed, "cpu_s": 5.0, "n_params": 1000}
+    if state_size is not None:
+        record["state_size"] = state_size
     atomic_write_text(path / RECORD_NAME, json.dumps(record))
     if curve:
         (path / "csv" / "version_0").mkdir(parents=True)
@@ -67,6 +70,18 @@ def test_grouping_and_table(fake_multirun, tmp_path):
     assert table[4].startswith("| Hyena | 20 | 0.4 | 1 |")
     for kind in ("plot", "curves"):
         assert written[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_state_column_when_runs_record_a_state_size(tmp_path):
+    """Runs with state_size (train.py records it) get a state column: the group's mean; older records show –."""
+    for i, (mixer, state) in enumerate([("Hyena", 4480), ("Hyena", 4480), ("H3", 2048), ("S5", None)]):
+        _fake_run(tmp_path / "m" / str(i), mixer, 10, i + 1, 0.5, state_size=state)
+    written = report([tmp_path / "m"], ["model.mixer._target_"], "test/accuracy", tmp_path / "out")
+    table = written["table"].read_text().splitlines()
+    assert table[0] == "| model.mixer._target_ | test/accuracy (mean ± std) | n | steps | params | state | wall s | CPU s |"
+    assert table[2].startswith("| H3 | 0.5 | 1 | 100 | 1000 | 2048 | 30 | 5 |")
+    assert table[3].startswith("| Hyena | 0.5 ± 0 | 2 | 100 | 1000 | 4480 |")
+    assert table[4].startswith("| S5 | 0.5 | 1 | 100 | 1000 | – |")
 
 
 def test_mean_curve_over_seeds(fake_multirun):
@@ -164,6 +179,8 @@ def test_real_sweep_end_to_end(tmp_path):
     records = [json.loads((sweep / j / RECORD_NAME).read_text()) for j in ("0", "1")]
     for rec in records:
         assert rec["steps"] == 4 and rec["n_params"] > 0 and rec["wall_s"] > 0 and rec["cpu_s"] > 0
+        # the default Hyena (2 blocks, d_model 64, order 2, 3 taps) at l_max 66: 2 x (2 x 3 x 64 + 64 x 66)
+        assert rec["state_size"] == 2 * (2 * 3 * 64 + 64 * 66)
         assert (sweep / "0" / rec["config"]).is_file() and (rec["git_commit"] is None or len(rec["git_commit"]) == 40)
     accs = [r["metrics"]["test/accuracy"] for r in records]
     written = report([sweep], ["model.mixer._target_"], "test/accuracy", tmp_path / "out", curve="val/loss")

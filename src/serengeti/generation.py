@@ -143,17 +143,50 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
     return Generation(torch.stack(out, dim=1), t_prefill - start, end - t_prefill)
 
 
-def _tensor_bytes(obj: Any) -> int:
-    """Bytes of every tensor reachable from ``obj`` (dataclasses, lists, tuples, dicts)."""
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from ``obj`` (dataclasses, lists, tuples, dicts)."""
     if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return sum(_tensor_bytes(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+        yield obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _tensors(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor reachable from ``obj``."""
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _floats(obj: Any) -> int:
+    """Real numbers held by the floating-point tensors reachable from ``obj`` (a complex entry counts 2)."""
+    return sum(t.numel() * (2 if t.is_complex() else 1) for t in _tensors(obj) if t.is_floating_point() or t.is_complex())
+
+
+def state_size_by_block(model, seq_len: int) -> list[int]:
+    """Per block: the floats one sequence's recurrent state holds when generating ``seq_len`` positions.
+
+    Read from the models' own state contract (docs/architecture.md): the states of
+    ``allocate_state(2, max_len=seq_len)`` minus those of ``allocate_state(1, ...)`` (sized on the meta
+    device, nothing allocated), so what ``allocate_state`` computes once for the whole batch (cached
+    filters, discretized SSMs) is not counted. Attention: its KV cache, 2 D per position; Hyena and
+    the long convolution: the input history of each long convolution, D per position, plus the short
+    convolution's last inputs; H3, S5, Hyena-S5: a fixed-size state. Raises
+    :class:`~serengeti.mixers.base.StateError` for a mixer without a recurrent mode.
+    """
+    one, two = (model.allocate_state(b, max_len=seq_len, device="meta") for b in (1, 2))
+    return [_floats(two.layers[i]) - _floats(one.layers[i]) for i in sorted(one.layers)]
+
+
+def state_size(model, seq_len: int) -> int:
+    """The recurrent state of one sequence at generation time, in floats, summed over the blocks
+    (:func:`state_size_by_block`): the x-axis of zoology's recall-vs-state-size comparison."""
+    return sum(state_size_by_block(model, seq_len))
 
 
 def memory_needed(model, batch_size: int, prompt_len: int, max_new_tokens: int) -> int:

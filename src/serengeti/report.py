@@ -9,7 +9,9 @@ including those filled in from the dataset), else from Hydra's ``.hydra/config.y
 ``${key}`` references to other keys are followed, nothing else is resolved (``${oc.env:...}`` stays
 text). A run whose record or config cannot be read is skipped with one line naming the file. Runs are
 grouped by the values of the ``--by`` keys; each group is one table row: the metric's mean ± sample
-standard deviation over its runs (seeds), n, and the mean steps, parameters, wall and CPU seconds.
+standard deviation over its runs (seeds), n, and the mean steps, parameters, wall and CPU seconds;
+when runs record their recurrent state size (``state_size`` in ``metrics.json``: floats per sequence
+at the training length), a ``state`` column too.
 A run whose record says ``status: failed`` (diverged, crashed) is left out of those statistics but not
 dropped: the table gets a ``failed`` column, and each failed run is listed below it with its reason.
 
@@ -195,18 +197,22 @@ def _fmt(x: float, digits: int = 4) -> str:
 
 
 def markdown_table(groups: Sequence[Group], by: Sequence[str], metric: str) -> str:
-    """One row per group: the ``by`` values, metric mean ± std, n, mean steps / params / wall / CPU s over the
-    completed runs; when any run failed, a ``failed`` column and one line per failed run below the table."""
+    """One row per group: the ``by`` values, metric mean ± std, n, mean steps / params (/ state) / wall / CPU s
+    over the completed runs; ``state`` when any run records a ``state_size``; when any run failed, a ``failed``
+    column and one line per failed run below the table."""
     any_failed = any(g.failed for g in groups)
-    head = [*by, f"{metric} (mean ± std)", "n", *(["failed"] if any_failed else []), "steps", "params", "wall s", "CPU s"]
-    numeric = 6 + int(any_failed)
+    any_state = any(r.record.get("state_size") is not None for g in groups for r in g.completed)
+    head = [*by, f"{metric} (mean ± std)", "n", *(["failed"] if any_failed else []), "steps", "params",
+            *(["state"] if any_state else []), "wall s", "CPU s"]
+    numeric = 6 + int(any_failed) + int(any_state)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(by) + [" ---: "] * numeric) + "|"]
     for g in groups:
         mean, std = mean_std(g.values(metric))
         cell = _fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
         row = [show(k, v) for k, v in zip(by, g.key)]
         row += [cell, str(len(g.values(metric))), *([str(len(g.failed))] if any_failed else []),
-                _fmt(g.mean_of("steps"), 6), _fmt(g.mean_of("n_params"), 6), _fmt(g.mean_of("wall_s"), 4),
+                _fmt(g.mean_of("steps"), 6), _fmt(g.mean_of("n_params"), 6),
+                *([_fmt(g.mean_of("state_size"), 6)] if any_state else []), _fmt(g.mean_of("wall_s"), 4),
                 _fmt(g.mean_of("cpu_s"), 4)]
         lines.append("| " + " | ".join(row) + " |")
     failed = [r for g in groups for r in g.failed]

@@ -14,6 +14,9 @@ read by :mod:`serengeti.report` and :mod:`serengeti.sweep_summary`. Fields::
                      (not the whole process: a multirun runs its jobs one after another in one process)
     num_threads      torch intra-op threads the run used
     n_params         trainable parameters of the model
+    state_size       floats of recurrent state one sequence carries when generating model.l_max positions
+                     (serengeti.generation.state_size: KV cache, SSM state, convolution input history);
+                     null for a model without a recurrent mode, a failed run, and records before the field
     git_commit       commit of the code (null outside a git checkout); git_dirty: uncommitted changes
     config           path of the resolved config written beside it (config_resolved.yaml)
 
@@ -63,7 +66,7 @@ COMPLETED, FAILED = "completed", "failed"
 
 def write_run_record(run_dir: str | os.PathLike, cfg: DictConfig, metrics: Mapping[str, float], *, steps: int,
                      wall_s: float, cpu_s: float, n_params: int | None, status: str = COMPLETED,
-                     reason: str | None = None) -> Path:
+                     reason: str | None = None, state_size: int | None = None) -> Path:
     """Write ``config_resolved.yaml`` and ``metrics.json`` into ``run_dir``; returns the json's path.
 
     A config that cannot be resolved (a failed job's bad override) is written unresolved.
@@ -86,6 +89,7 @@ def write_run_record(run_dir: str | os.PathLike, cfg: DictConfig, metrics: Mappi
         "cpu_s": float(cpu_s),
         "num_threads": torch.get_num_threads(),
         "n_params": None if n_params is None else int(n_params),
+        "state_size": None if state_size is None else int(state_size),
         "git_commit": commit,
         "git_dirty": dirty,
         "config": RESOLVED_CONFIG_NAME,

@@ -16,6 +16,8 @@ from serengeti.accelerator import cuda_problem
 from serengeti.checkpoint import CheckpointError, tokenizer_record
 from serengeti.checkpointing import ModelCheckpoint, SafeCheckpointIO, resolve_ckpt_path
 from serengeti.compiling import compile_backbone
+from serengeti.generation import state_size
+from serengeti.mixers.base import StateError
 from serengeti.nonfinite import NonFiniteError, NonFiniteGuard
 from serengeti.preemption import Preempted, Preemption
 from serengeti.registry import UnsafeConfigError
@@ -116,11 +118,22 @@ def run(cfg: DictConfig, state: dict | None = None) -> dict[str, float]:
     if trainer.is_global_zero:
         write_run_record(cfg.paths.output_dir, cfg, metrics, steps=trainer.global_step,
                          wall_s=metrics["time/fit_and_test_s"], cpu_s=process_cpu_seconds() - cpu_start,
-                         n_params=n_params)
+                         n_params=n_params, state_size=_state_size(task.model))
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/")))
         log.info("final metrics: %s", summary)
         print(f"[serengeti] {summary} | steps={trainer.global_step} | wall={metrics['time/fit_and_test_s']:.1f}s")
     return metrics
+
+
+def _state_size(model) -> int | None:
+    """Floats of recurrent state per sequence at the training length (:func:`serengeti.generation.state_size`);
+    ``None`` for a model without a recurrent mode (e.g. a bidirectional S5) or without an ``l_max``."""
+    if model.l_max is None:
+        return None
+    try:
+        return state_size(model, model.l_max)
+    except StateError:
+        return None
 
 
 _OURS = (Preempted, NonFiniteError, ConfigError, CheckpointError, UnsafeConfigError)
