@@ -15,7 +15,7 @@ from omegaconf import DictConfig  # noqa: E402
 def main(cfg: DictConfig) -> float | None:
     from serengeti.train import main as run_main
 
-    threads_from_config(cfg)  # torch threads: cfg.threads, or the CPUs this process may use
+    threads_from_config(cfg)  # torch threads: cfg.threads, or chosen from d_model x tokens per step
     return run_main(cfg)
 
 

@@ -101,7 +101,7 @@ def test_accumulation_and_two_processes_match_the_full_batch(tmp_path):
     assert diff <= 1e-5
 
 
-# --- shared machines: passive OpenMP waits, threads = the CPUs this process may use --------------------------
+# --- shared machines: passive OpenMP waits, threads chosen from the work per step -----------------------------
 
 def test_threads_default_to_omp_num_threads_else_the_affinity_mask(monkeypatch):
     import torch
@@ -116,6 +116,30 @@ def test_threads_default_to_omp_num_threads_else_the_affinity_mask(monkeypatch):
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice wins over the affinity mask
         torch.set_num_threads(n)
         assert set_threads(None) == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_automatic_threads_follow_the_work_per_step(monkeypatch):
+    import torch
+
+    from conftest import compose_cfg
+    from serengeti.runtime import WORK_PER_THREAD, auto_threads, step_work, threads_from_config
+
+    assert auto_threads(None, 4) == 4  # work unknown: every CPU
+    assert auto_threads(1, 4) == 1 and auto_threads(WORK_PER_THREAD - 1, 4) == 1
+    assert auto_threads(2 * WORK_PER_THREAD, 4) == 2 and auto_threads(100 * WORK_PER_THREAD, 4) == 4
+    assert auto_threads(100 * WORK_PER_THREAD, 1) == 1
+    cfg = compose_cfg([])  # the default run: d_model 64, batch 32 x 64 tokens
+    assert step_work(cfg) == 64 * 32 * 64 < WORK_PER_THREAD
+    assert step_work(compose_cfg(["model.d_model=768", "dataset.seq_len=1024", "dataset.batch_size=8"])) == 768 * 8 * 1024
+    assert step_work({"threads": None}) is None
+    n = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert threads_from_config(cfg) == 1 == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice still wins
+        assert threads_from_config(cfg) == 2
     finally:
         torch.set_num_threads(n)
 

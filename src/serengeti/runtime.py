@@ -34,25 +34,53 @@ def _omp_num_threads() -> int | None:
     return n if n >= 1 else None
 
 
-def set_threads(threads: int | None, key: str = "threads") -> int:
+#: d_model × tokens per step from which a second intra-op thread pays for its synchronisation
+#: (benchmarks/threads.py, experiments.md "Threads"); each further thread needs as much again.
+WORK_PER_THREAD = 400_000
+
+
+def auto_threads(work: int | None, cpus: int | None = None) -> int:
+    """Intra-op threads for a step of ``work`` = d_model × tokens per step: 1 below
+    :data:`WORK_PER_THREAD`, then one more per multiple of it, at most ``cpus`` (default
+    :func:`available_cpus`). ``None`` (work unknown) = all CPUs.
+
+    Small models spend a step in many small ops, where every parallel region costs a barrier and
+    a second thread only adds waiting (the default run: d_model 64, 2,048 tokens).
+    """
+    cpus = cpus or available_cpus()
+    if work is None:
+        return cpus
+    return max(1, min(cpus, work // WORK_PER_THREAD))
+
+
+def step_work(cfg) -> int | None:
+    """``model.d_model × dataset.batch_size × dataset.seq_len`` of a composed config; None when a key is missing."""
+    try:
+        return int(cfg.model.d_model) * int(cfg.dataset.batch_size) * int(cfg.dataset.seq_len)
+    except (AttributeError, KeyError, TypeError, ValueError):  # no model/dataset section, or a null value
+        return None
+
+
+def set_threads(threads: int | None, key: str = "threads", work: int | None = None) -> int:
     """``torch.set_num_threads(threads)``; ``None`` = ``OMP_NUM_THREADS`` when the user set it, else
-    :func:`available_cpus`. Returns the count used.
+    :func:`auto_threads` of ``work`` (all CPUs when the work is unknown). Returns the count used.
 
     Raises ``ValueError`` naming ``key`` unless ``threads`` is None or an integer >= 1.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"{key}={threads!r}: expected an integer >= 1 or null (= the {available_cpus()} available CPUs)")
+        raise ValueError(f"{key}={threads!r}: expected an integer >= 1 or null (= chosen from d_model × tokens per step)")
     import torch
 
-    n = threads or _omp_num_threads() or available_cpus()
+    n = threads or _omp_num_threads() or auto_threads(work)
     torch.set_num_threads(n)
     return n
 
 
 def threads_from_config(cfg) -> int:
-    """:func:`set_threads` with the composed config's ``threads``; a bad value exits with a one-line error."""
+    """:func:`set_threads` with the composed config's ``threads`` and :func:`step_work`; a bad value
+    exits with a one-line error."""
     try:
-        return set_threads(cfg.get("threads"))
+        return set_threads(cfg.get("threads"), work=step_work(cfg))
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
 
