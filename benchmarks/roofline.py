@@ -17,7 +17,10 @@ is used, since load on a shared machine only lowers them):
 measured, and the roofline lower bound is ``t_min = max(t_compute, t_memory)`` with
 ``t_compute = matmul FLOPs / matmul ceiling + FFT FLOPs / FFT ceiling at that size`` and
 ``t_memory = bytes / triad bandwidth``; the *achieved fraction* is ``t_min / t_measured`` and the
-binding ceiling is whichever term is larger. Elementwise work (gates, GELU, scans, the H3 power
+binding ceiling is whichever term is larger. The *load-adjusted fraction* divides instead by the
+ceilings scaled to the machine's speed at the moment of each call (:class:`Probe`, a 512³ matmul and
+a triad taken just before it): on a machine shared with other processes it is the steadier number.
+Elementwise work (gates, GELU, scans, the H3 power
 tables) adds time but no counted FLOPs: it is part of the gap.
 
 Training, one mixer, forward + backward (input and parameter grads), B × L tokens of width D,
@@ -133,6 +136,38 @@ class Ceilings:
         return self.fft[min(self.fft, key=lambda m: abs(math.log2(m) - math.log2(n)))]
 
 
+class Probe:
+    """A quick speed check taken next to every timed hot-path call: one 512³ matmul and one triad
+    over 16 MiB arrays (above L2), at the current thread count.
+
+    ``factors()`` = (matmul rate, triad rate) now / at ``reference()`` (taken with the ceilings),
+    so that a call timed while other processes slowed the machine is compared with the ceilings
+    scaled by the same slowdown (the *load-adjusted* fraction)."""
+
+    def __init__(self) -> None:
+        self.a, self.b, self.out = torch.randn(512, 512), torch.randn(512, 512), torch.empty(512, 512)
+        n = 4 * 2**20
+        self.x, self.y, self.z = torch.rand(n), torch.rand(n), torch.empty(n)
+        self.ref = (1.0, 1.0)
+
+    def _rates(self) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        torch.mm(self.a, self.b, out=self.out)
+        t1 = time.perf_counter()
+        torch.add(self.x, self.y, alpha=3.0, out=self.z)
+        t2 = time.perf_counter()
+        return 2.0 * 512**3 / (t1 - t0), 12.0 * self.x.numel() / (t2 - t1)
+
+    def reference(self, repeats: int) -> None:
+        self._rates()
+        rates = [self._rates() for _ in range(max(5, repeats))]
+        self.ref = (statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates))
+
+    def factors(self) -> tuple[float, float]:
+        mm, bw = self._rates()
+        return mm / self.ref[0], bw / self.ref[1]
+
+
 def measure_ceilings(fft_sizes: list[int], threads: int, repeats: int, *, matmul_n: int = 1024,
                      stream_mib: int = 64) -> Ceilings:
     """Matmul and stream bandwidth at 1 and ``available_cpus()`` threads, FFT at ``threads``."""
@@ -176,9 +211,13 @@ class Work:
 
     def bound(self, c: Ceilings, threads: int) -> tuple[float, str]:
         """(roofline lower bound in seconds, binding ceiling: "compute" or "memory")."""
-        t_compute = (self.matmul + self.other) / c.matmul[threads] + (self.fft / c.fft_at(self.n) if self.fft else 0.0)
-        t_memory = self.bytes / c.triad[threads]
+        t_compute, t_memory = self.times(c, threads)
         return (t_compute, "compute") if t_compute >= t_memory else (t_memory, "memory")
+
+    def times(self, c: Ceilings, threads: int) -> tuple[float, float]:
+        """(seconds at the compute ceilings, seconds at the triad bandwidth)."""
+        t_compute = (self.matmul + self.other) / c.matmul[threads] + (self.fft / c.fft_at(self.n) if self.fft else 0.0)
+        return t_compute, self.bytes / c.triad[threads]
 
 
 def _gated_fftconv_ffts(B: int, H: int, L: int) -> float:
@@ -294,9 +333,22 @@ def time_train(mixer, x, g) -> float:
     return time.perf_counter() - t0
 
 
+@dataclass
+class Timed:
+    """A hot path's timings: seconds per call and the :class:`Probe` factors taken before each."""
+
+    work: Work
+    times: list[float]
+    factors: list[tuple[float, float]]
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.times) if self.times else None
+
+
 def measure_training(names: list[str], lengths: list[int], *, d_model: int, repeats: int, max_seconds: float,
-                     args) -> dict:
-    """{(name, L): (median seconds or None when skipped, Work)}; rounds interleave the mixers.
+                     probe: Probe, args) -> dict:
+    """{(name, L): :class:`Timed` (no times when skipped)}; rounds interleave the mixers.
 
     A cell is skipped (None) when its warm-up call alone would push ``repeats`` calls past
     ``max_seconds`` (e.g. attention at 32K on 2 cores)."""
@@ -310,28 +362,28 @@ def measure_training(names: list[str], lengths: list[int], *, d_model: int, repe
             m = BUILDERS[name](d_model, L, args).train()
             work = train_work(name, m, 1, L)
             if name == "attention" and L > args.attention_max_len:
-                out[name, L] = (None, work)
+                out[name, L] = Timed(work, [], [])
                 print(f"[train] {name} L={L}: skipped (--attention-max-len {args.attention_max_len})", flush=True)
                 continue
             t = time_train(m, x, g)  # warm-up, also the estimate for the skip rule
             if t * repeats > max_seconds:
-                out[name, L] = (None, work)
+                out[name, L] = Timed(work, [], [])
                 print(f"[train] {name} L={L}: skipped, one call took {t:.1f} s ({load()})", flush=True)
                 continue
-            mixers[name] = (m, work)
-        times = {n: [] for n in mixers}
+            mixers[name] = m
+            out[name, L] = Timed(work, [], [])
         for _ in range(repeats):
-            for n, (m, _) in mixers.items():
-                times[n].append(time_train(m, x, g))
-        for n, (m, work) in mixers.items():
-            out[n, L] = (statistics.median(times[n]), work)
-            print(f"[train] {n} L={L}: {1e3 * out[n, L][0]:.1f} ms (median of {repeats}) ({load()})", flush=True)
+            for n, m in mixers.items():
+                out[n, L].factors.append(probe.factors())
+                out[n, L].times.append(time_train(m, x, g))
+        for n in mixers:
+            print(f"[train] {n} L={L}: {1e3 * out[n, L].median:.1f} ms (median of {repeats}) ({load()})", flush=True)
     return out
 
 
 def measure_generation(names: list[str], vocabs: list[int], *, context: int, steps: int, repeats: int,
-                       d_model: int, n_layer: int) -> dict:
-    """{(name, V): (median seconds per step, Work)} after a ``context``-token prefill; interleaved."""
+                       d_model: int, n_layer: int, probe: Probe) -> dict:
+    """{(name, V): :class:`Timed` (seconds per step)} after a ``context``-token prefill; interleaved."""
     from generation import build
 
     cases = {}
@@ -349,18 +401,17 @@ def measure_generation(names: list[str], vocabs: list[int], *, context: int, ste
             for _ in range(steps):  # warm-up
                 model.step(tok, state)
             states[key] = state
-        times = {k: [] for k in cases}
+        out = {key: Timed(step_work(model, context), [], []) for key, model in cases.items()}
         for _ in range(repeats):
             for key, model in cases.items():
                 tok = torch.zeros(1, dtype=torch.long)
+                out[key].factors.append(probe.factors())
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     model.step(tok, states[key])
-                times[key].append((time.perf_counter() - t0) / steps)
-    out = {}
-    for key, model in cases.items():
-        out[key] = (statistics.median(times[key]), step_work(model, context))
-        print(f"[step] {key[0]} V={key[1]} C={context}: {1e3 * out[key][0]:.2f} ms (median of {repeats} x {steps} "
+                out[key].times.append((time.perf_counter() - t0) / steps)
+    for key in cases:
+        print(f"[step] {key[0]} V={key[1]} C={context}: {1e3 * out[key].median:.2f} ms (median of {repeats} x {steps} "
               f"steps) ({load()})", flush=True)
     return out
 
@@ -369,26 +420,34 @@ def measure_generation(names: list[str], vocabs: list[int], *, context: int, ste
 # report
 
 
-def table(rows: dict, c: Ceilings, threads: int, label) -> list[dict]:
-    """One dict per hot path with its work, time, bound and fraction (None where skipped)."""
+def table(rows: dict, c: Ceilings, c_ref: Ceilings, threads: int, label) -> list[dict]:
+    """One dict per hot path with its work, time, bound and fractions (None where skipped):
+    ``fraction`` against the ceilings ``c``, ``adjusted`` the median over calls of the bound at the
+    ceilings ``c_ref`` (measured with the probe's reference) scaled by that call's :class:`Probe`
+    factors, divided by the call's time."""
     result = []
-    for key, (t, w) in rows.items():
+    for key, timed in rows.items():
+        w, t = timed.work, timed.median
         bound, binding = w.bound(c, threads)
+        t_c, t_m = w.times(c_ref, threads)
+        adjusted = [max(t_c / f_c, t_m / f_m) / s for s, (f_c, f_m) in zip(timed.times, timed.factors)]
         flop = w.matmul + w.fft + w.other
         result.append(dict(path=label(key), gflop=flop / 1e9, mm_share=w.matmul / flop,
-                           mb=w.bytes / 1e6, intensity=flop / w.bytes, t=t, bound=bound,
-                           binding=binding, fraction=None if t is None else bound / t))
+                           mb=w.bytes / 1e6, intensity=flop / w.bytes, t=t, bound=bound, binding=binding,
+                           fraction=None if t is None else bound / t,
+                           adjusted=statistics.median(adjusted) if adjusted else None))
     return result
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| hot path | GFLOP | matmul share | MB | FLOP/byte | measured ms | bound ms | binding | fraction |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| hot path | GFLOP | matmul share | MB | FLOP/byte | measured ms | bound ms | binding | fraction | load-adjusted |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         t = "skipped" if r["t"] is None else f"{1e3 * r['t']:.1f}"
         f = "–" if r["fraction"] is None else f"{100 * r['fraction']:.1f} %"
+        a = "–" if r["adjusted"] is None else f"{100 * r['adjusted']:.1f} %"
         lines.append(f"| {r['path']} | {r['gflop']:.3g} | {100 * r['mm_share']:.0f} % | {r['mb']:.3g} | "
-                     f"{r['intensity']:.3g} | {t} | {1e3 * r['bound']:.2f} | {r['binding']} | {f} |")
+                     f"{r['intensity']:.3g} | {t} | {1e3 * r['bound']:.2f} | {r['binding']} | {f} | {a} |")
     return "\n".join(lines)
 
 
@@ -451,18 +510,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     fft_sizes = sorted({fast_fft_size(2 * L) for L in args.lengths})
     first = measure_ceilings(fft_sizes, args.threads, args.repeats, stream_mib=args.stream_mib)
     torch.set_num_threads(args.threads)
+    probe = Probe()
+    probe.reference(args.repeats)
     train = gen = {}
     if not args.skip_training:
         train = measure_training(args.mixers, args.lengths, d_model=args.d_model, repeats=args.repeats,
-                                 max_seconds=args.max_seconds, args=args)
+                                 max_seconds=args.max_seconds, probe=probe, args=args)
     if not args.skip_generation:
         gen = measure_generation(args.gen_models, args.vocabs, context=args.context, steps=args.steps,
-                                 repeats=args.repeats, d_model=args.d_model, n_layer=args.n_layer)
+                                 repeats=args.repeats, d_model=args.d_model, n_layer=args.n_layer, probe=probe)
     print("ceilings again, after the hot paths:", flush=True)
     c = first.best(measure_ceilings(fft_sizes, args.threads, args.repeats, stream_mib=args.stream_mib))
     torch.set_num_threads(args.threads)
-    rows = (table(train, c, args.threads, lambda k: f"train {k[0]} L={k[1]}")
-            + table(gen, c, args.threads, lambda k: f"step {k[0]} V={k[1]} C={args.context}"))
+    rows = (table(train, c, first, args.threads, lambda k: f"train {k[0]} L={k[1]}")
+            + table(gen, c, first, args.threads, lambda k: f"step {k[0]} V={k[1]} C={args.context}"))
     print(f"\nceilings at {args.threads} thread(s) (the better of the two measurements): matmul {c.matmul[args.threads] / 1e9:.1f} GFLOP/s, "
           f"triad {c.triad[args.threads] / 1e9:.1f} GB/s, FFT " +
           ", ".join(f"n={n}: {f / 1e9:.1f} GFLOP/s" for n, f in sorted(c.fft.items())) + f" ({load()})\n")
