@@ -216,7 +216,8 @@ def test_metrics_are_printed_before_they_are_written(trained, tmp_path, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(run_module, "atomic_write_text", disk_full)  # the up-front write test still succeeds
-    with pytest.raises(EvalError, match=r"cannot write .*metrics.json \(No space left on device\); the results are printed"):
+    with pytest.raises(EvalError, match=r"cannot write .*(config_resolved.yaml|metrics.json) \(No space left on device\); "
+                                        r"the results are printed"):
         evaluate(eval_cfg([f"ckpt={ckpt}", f"out={tmp_path / 'e' / 'metrics.json'}"], tmp_path / "e"))
     assert "val/loss" in capsys.readouterr().out
 
@@ -268,6 +269,24 @@ def test_seq_len_scores_the_recorded_task_at_another_length(tmp_path):
     assert res["test/accuracy"] == pytest.approx((predicted == targets[:, -1]).double().mean().item(), abs=1e-9)
     same = evaluate(eval_cfg([f"ckpt={ckpt}", "+dataset.num_test_examples=8", "split=test"], tmp_path / "s"))
     assert same["seq_len"] == 16  # partial dataset overrides apply to the recorded dataset
+
+
+def test_serengeti_report_reads_evaluations_at_several_lengths(tmp_path):
+    """Each evaluation's metrics.json is a run record with the scored model and dataset beside it, so the
+    report tabulates a checkpoint's accuracy by test length."""
+    from serengeti.report import find_runs, group_runs
+
+    ckpt = _untrained_ckpt(tmp_path, _TINY_IH)
+    scores = {L: evaluate(eval_cfg([f"ckpt={ckpt}", f"seq_len={L}", "split=test"], tmp_path / "ev" / str(L)))
+              for L in (16, 32)}
+    runs = find_runs([tmp_path / "ev"])
+    groups = group_runs(runs, ["ckpt", "dataset.seq_len"])
+    assert [g.key for g in groups] == [(str(ckpt), 16), (str(ckpt), 32)]
+    for g in groups:
+        assert g.values("test/accuracy") == [scores[g.key[1]]["test/accuracy"]]
+        assert g.runs[0].value("model.d_model") == 16 and g.mean_of("n_params") > 0
+    evaluate(eval_cfg([f"ckpt={ckpt}", f"out={tmp_path / 'elsewhere' / 'scores.json'}"], tmp_path / "o"))
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["scores.json"]
 
 
 def test_learned_positions_refuse_a_longer_length(tmp_path):

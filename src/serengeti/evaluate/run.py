@@ -25,6 +25,7 @@ from serengeti.evaluate import EvalError
 from serengeti.evaluate.perplexity import build_datamodule, check_position_buckets, evaluate_model
 from serengeti.generation import MAX_NEW_TOKENS, check_memory, generate
 from serengeti.run_dirs import remove_fresh_run_dir
+from serengeti.run_record import RECORD_NAME, RESOLVED_CONFIG_NAME
 from serengeti.validate import ConfigError, Rule, check_choice, check_rule, lightning_precisions
 
 log = logging.getLogger("serengeti")
@@ -140,6 +141,17 @@ def _write_json(path: Path, data: dict) -> None:
         raise EvalError(f"cannot write {path} ({e.strerror or e}); the results are printed above") from None
 
 
+def _write_scored_config(path: Path, ckpt: str, cfg: DictConfig, ckpt_cfg: dict, dataset_cfg: dict) -> None:
+    """Beside the metrics JSON, what was scored: ``ckpt``, ``split``, the checkpoint's ``model`` and the
+    ``dataset`` as scored (e.g. at another ``seq_len``), so that ``serengeti.report`` groups evaluations as it
+    groups training runs (``--by ckpt,dataset.seq_len``)."""
+    scored = {"ckpt": ckpt, "split": str(cfg.split), "model": ckpt_cfg.get("model"), "dataset": dataset_cfg}
+    try:
+        atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(scored)))
+    except OSError as e:
+        raise EvalError(f"cannot write {path} ({e.strerror or e}); the results are printed above") from None
+
+
 def _print_table(title: str, rows: dict[str, Any]) -> None:
     from serengeti.progress import console
     from rich.table import Table
@@ -231,10 +243,13 @@ def task_evaluate(cfg: DictConfig) -> dict:
     metrics = evaluate_model(model, ckpt_cfg, datamodule, split=cfg.split, device=_device(cfg),
                              precision=str(cfg.precision), position_buckets=cfg.get("position_buckets"))
     result = {"ckpt": path, "dataset": dataset_cfg.get("_target_"), "split": cfg.split,
-              "seq_len": dataset_cfg.get("seq_len"), **metrics, "wall_s": time.time() - start}
+              "seq_len": dataset_cfg.get("seq_len"), **metrics, "wall_s": time.time() - start,
+              "metrics": dict(metrics), "n_params": sum(p.numel() for p in model.parameters())}
     name = str(dataset_cfg.get("_target_")).rsplit(".", 1)[-1]
     _print_table(f"{Path(path).name} on {name} (seq_len {dataset_cfg.get('seq_len')}, {cfg.split})", metrics)
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "metrics.json"
+    if out.name == RECORD_NAME:  # a run record: serengeti.report reads it with the config beside it
+        _write_scored_config(out.parent / RESOLVED_CONFIG_NAME, path, cfg, ckpt_cfg, dataset_cfg)
     _write_json(out, result)
     print(f"[serengeti] metrics written to {out}")
     return result
