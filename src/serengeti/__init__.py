@@ -42,3 +42,16 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'serengeti' has no attribute {name!r}")
+
+
+def _register_with_transformers() -> None:
+    """``AutoConfig`` / ``AutoModelForCausalLM`` learn ``model_type: serengeti`` (:mod:`serengeti.models.hf`)
+    when ``transformers`` is installed."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return
+    import serengeti.models.hf  # noqa: F401  (registers on import)
+
+
+_register_with_transformers()

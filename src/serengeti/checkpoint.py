@@ -40,7 +40,13 @@ log = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+#: every file an export may hold
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME, TOKENIZER_CONFIG_NAME)
 FORMAT_VERSION = 1
+#: what ``config.json`` tells ``transformers`` (serengeti.models.hf registers these names)
+HF_MODEL_TYPE = "serengeti"
+HF_ARCHITECTURE = "SerengetiForCausalLM"
 
 
 class CheckpointError(ValueError):
@@ -252,15 +258,16 @@ def check_export_target(out: str | os.PathLike, *, overwrite: bool, inputs: Mapp
     """Raise :class:`CheckpointError` unless an export may be written to ``out``.
 
     ``out`` must not touch any of ``inputs`` (``{setting: path}``, e.g. the checkpoint being
-    read). An existing ``out`` is replaced only with ``overwrite``, and only when it is an empty
-    directory or an export written by serengeti (nothing but its marker files: ``config.json``
-    with ``"format": "serengeti"``, ``model.safetensors``, optionally ``tokenizer.json``) — never
+    read). An existing empty directory is used as it is. Anything else at ``out`` is replaced only with
+    ``overwrite``, and only when it is an export written by serengeti (nothing but its marker files:
+    ``config.json`` with ``"format": "serengeti"``, ``model.safetensors``, optionally
+    ``tokenizer.json`` and ``tokenizer_config.json``) — never
     a run directory, another directory, a file or a symbolic link.
     """
     out = Path(out).expanduser()
     if (clash := input_clash(out, inputs)) is not None:
         raise CheckpointError(f"{key}={out} would overwrite the input {clash}; choose another directory")
-    if not os.path.lexists(out):
+    if not os.path.lexists(out) or _is_empty_dir(out):
         return
     if not overwrite:
         raise CheckpointError(f"{key}={out} already exists (pass overwrite=true to replace an export)")
@@ -279,7 +286,7 @@ def _not_an_export(path: Path) -> str | None:
     names = sorted(os.listdir(path))
     if not names:
         return None
-    foreign = [n for n in names if n not in (WEIGHTS_NAME, CONFIG_NAME, TOKENIZER_NAME)]
+    foreign = [n for n in names if n not in EXPORT_FILES]
     if foreign:
         return f"it holds {foreign[0]!r}" + (f" and {len(foreign) - 1} more" if len(foreign) > 1 else "")
     if WEIGHTS_NAME not in names or CONFIG_NAME not in names:
@@ -291,37 +298,68 @@ def _not_an_export(path: Path) -> str | None:
     return None if marker == "serengeti" else f"its {CONFIG_NAME} is not serengeti's"
 
 
+def export_contents(model: torch.nn.Module, cfg: Mapping, tokenizer: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What an export holds: the tensors of ``model.safetensors`` (tied weights once) and ``{name: text}`` of
+    ``config.json`` and the tokenizer files.
+
+    ``config.json`` keeps ``format``/``version``/``model``/``dataset``/``tokenizer`` (what
+    :func:`read_checkpoint` reads) and adds the keys ``transformers`` reads (``model_type``
+    ``"serengeti"``, ``architectures``, ``vocab_size``, ``eos_token_id``; :mod:`serengeti.models.hf`).
+    ``tokenizer.json`` + ``tokenizer_config.json`` (for ``AutoTokenizer``) are written for a BPE
+    ``tokenizer`` or a recorded character vocabulary.
+    """
+    from serengeti.data.tokenizers import CharTokenizer, transformers_tokenizer_files
+
+    aliases = _tied_aliases(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    record = cfg.get("tokenizer") or {}
+    if tokenizer is None and record.get("kind") == "char":
+        tokenizer = tokenizer_from_record(record)
+    config = {"format": "serengeti", "version": FORMAT_VERSION,
+              **{k: cfg[k] for k in ("model", "dataset", "tokenizer") if cfg.get(k) is not None},
+              "model_type": HF_MODEL_TYPE, "architectures": [HF_ARCHITECTURE],
+              "vocab_size": int(getattr(model, "vocab_size", 0)) or None}
+    texts = {}
+    if tokenizer is not None and hasattr(tokenizer, "eos_id"):
+        if tokenizer.eos_id is not None:
+            config["eos_token_id"] = int(tokenizer.eos_id)
+        if isinstance(tokenizer, CharTokenizer) or getattr(tokenizer, "backend", None) is not None:
+            texts = transformers_tokenizer_files(tokenizer, getattr(model, "max_seq_len", None))
+    texts[CONFIG_NAME] = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return tensors, texts
+
+
+def _write_contents(root: Path, tensors: Mapping[str, torch.Tensor], texts: Mapping[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(root / WEIGHTS_NAME), metadata={"format": "pt"})
+    for name, text in texts.items():
+        (root / name).write_text(text)
+    _apply_umask(root)  # mkdtemp makes 0700 and safetensors 0600: give them the modes of any new file
+
+
 def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike, *, tokenizer: Any = None,
                     overwrite: bool = False, inputs: Mapping[str, Any] = {}) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) to ``out`` atomically.
+    """Write ``model.safetensors`` + ``config.json`` (+ tokenizer files) to ``out`` atomically.
 
     The directory is assembled under a temporary name beside ``out`` and swapped into place
     (:func:`serengeti.atomic.replace_dir`), so ``out`` always holds the old export or the complete
-    new one. Tied weights are stored once.
+    new one. Tied weights are stored once. An existing empty directory is used as it is.
 
     Args:
         model: the LM. cfg: plain config with ``model`` (``dataset``/``tokenizer`` kept when present).
-        out: target directory. tokenizer: a BPE tokenizer whose ``tokenizer.json`` is written too.
+        out: target directory. tokenizer: a BPE tokenizer whose ``tokenizer.json`` is written too
+            (see :func:`export_contents`).
         overwrite: replace an existing export at ``out`` (:func:`check_export_target` says which may be).
         inputs: ``{setting: path}`` that ``out`` must not touch (the checkpoint being read).
     """
-    from safetensors.torch import save_file
-
     out = Path(out).expanduser()
     check_export_target(out, overwrite=overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    aliases = _tied_aliases(model)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
-    config = {"format": "serengeti", "version": FORMAT_VERSION,
-              **{k: cfg[k] for k in ("model", "dataset", "tokenizer") if cfg.get(k) is not None}}
+    tensors, texts = export_contents(model, cfg, tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        backend = getattr(tokenizer, "backend", None)
-        if backend is not None:
-            (tmp / TOKENIZER_NAME).write_text(backend.to_str())
-        _apply_umask(tmp)  # mkdtemp makes 0700 and safetensors 0600: give them the modes of any new file
+        _write_contents(tmp, tensors, texts)
         if os.path.lexists(out):
             replace_dir(tmp, out)
         else:
@@ -330,6 +368,54 @@ def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_into(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike, *, tokenizer: Any = None,
+              replace_foreign: bool = True) -> Path:
+    """Write the files of an export into the directory ``out`` the way ``transformers`` does: ``out`` is
+    created if missing, and other files in it are left alone. Returns ``out``.
+
+    Each file is written under a temporary name and renamed into place, ``config.json`` last. Files
+    of an earlier export of ours in ``out`` are replaced (and ours that the new export lacks, e.g. a
+    tokenizer, removed). ``replace_foreign=False`` refuses, naming them, when ``out`` holds another
+    model's files of the same names (a ``config.json`` that is not ours, a foreign ``tokenizer.json``).
+    """
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; save_pretrained writes a directory")
+    tensors, texts = export_contents(model, cfg, tokenizer)
+    names = [WEIGHTS_NAME, *sorted(set(texts) - {CONFIG_NAME}), CONFIG_NAME]
+    ours = is_export(out)
+    if not ours and not replace_foreign:
+        clash = [n for n in names if (out / n).exists()]
+        if clash:
+            raise CheckpointError(f"{out} holds another model's {', '.join(clash)}; not replacing them "
+                                  "(save elsewhere, or pass overwrite=True to replace them)")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save-tmp-", dir=out))
+    try:
+        _write_contents(tmp, tensors, texts)
+        for name in names:
+            os.replace(tmp / name, out / name)
+        if ours:
+            for stale in set(EXPORT_FILES) - set(names):
+                (out / stale).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def is_export(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is a directory holding an export of ours (its ``config.json`` says ``format: serengeti``)."""
+    try:
+        cfg = json.loads((Path(root) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("format") == "serengeti"
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return not path.is_symlink() and path.is_dir() and not any(path.iterdir())
 
 
 def _apply_umask(root: Path) -> None:

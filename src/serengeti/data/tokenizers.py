@@ -94,6 +94,26 @@ class CharTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return "".join("" if int(i) == self.eos_id else self.chars[int(i)] for i in ids)
 
+    def to_tokenizers(self, eos_token: str = DEFAULT_EOS_TOKEN):
+        """The same encoding as a ``tokenizers.Tokenizer`` (what ``tokenizer.json`` holds).
+
+        Every character is one token (a ``WordLevel`` vocabulary over the alphabet, split into single
+        characters, newlines included) and decoding concatenates them; with ``eos``, ``eos_token`` is the
+        special token of id ``len(chars)``. A character outside the alphabet is an error, as in
+        :meth:`encode_batch`.
+        """
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        vocab = dict(self.stoi)
+        if self.eos_id is not None:
+            vocab[eos_token] = self.eos_id
+        backend = Tokenizer(models.WordLevel(vocab, unk_token=None))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        if self.eos_id is not None:
+            backend.add_special_tokens([AddedToken(eos_token, special=True, normalized=False)])
+        return backend
+
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
 
@@ -197,3 +217,22 @@ def _from_auto(name: str, eos_token: str) -> BPETokenizer:
     if backend is None:
         raise ValueError(f"dataset.tokenizer={name!r} has no fast (Rust) backend; the pipeline needs one")
     return BPETokenizer(backend, name, eos_token)
+
+
+def transformers_tokenizer_files(tokenizer: BPETokenizer | CharTokenizer, model_max_length: int | None = None) -> dict[str, str]:
+    """``{file name: text}`` that ``transformers.AutoTokenizer.from_pretrained`` reads as a fast tokenizer
+    encoding exactly as ``tokenizer`` does: ``tokenizer.json`` and ``tokenizer_config.json``.
+
+    ``model_max_length``: the model's longest input (omitted: any length).
+    """
+    if isinstance(tokenizer, CharTokenizer):
+        backend, eos_token = tokenizer.to_tokenizers(), DEFAULT_EOS_TOKEN if tokenizer.eos_id is not None else None
+    else:
+        backend, eos_token = tokenizer.backend, tokenizer.backend.id_to_token(tokenizer.eos_id)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "add_bos_token": False, "add_eos_token": False}
+    if eos_token is not None:
+        config["eos_token"] = eos_token
+    if model_max_length is not None:
+        config["model_max_length"] = int(model_max_length)
+    return {"tokenizer.json": backend.to_str(), "tokenizer_config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
