@@ -285,6 +285,7 @@ def _lm_eval_available() -> bool:
 
 SerengetiLM = None
 if _lm_eval_available():
+    import lm_eval.models  # noqa: F401  (lm_eval's own models, e.g. hf: a registry holding only ours would hide them)
     from lm_eval.api.model import LM as _LM
     from lm_eval.api.registry import register_model as _register_model
 

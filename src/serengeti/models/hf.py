@@ -67,7 +67,7 @@ class SerengetiConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
-    use_cache: bool = False  # a plain forward (scoring) builds no generation state; generate() makes its own
+    use_cache: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         code = [k for k in _CODE_KEYS if k in kwargs]
@@ -189,8 +189,8 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
                 inputs_embeds: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast | tuple:
         """input_ids: (B, L) -> logits (B, L, vocab_size), or the last ``logits_to_keep`` positions.
 
-        With ``cache`` (or ``use_cache=True``, which makes one), the state is advanced: a fresh cache
-        gets the parallel prefill, a started one one recurrent step per token.
+        With ``cache`` (or ``use_cache=True``, which makes one; ``None`` makes none), the state is
+        advanced: a fresh cache gets the parallel prefill, a started one one recurrent step per token.
         """
         if input_ids is None or inputs_embeds is not None:
             raise ValueError("SerengetiForCausalLM takes input_ids (token ids), not inputs_embeds")
@@ -202,8 +202,7 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
                              "length; generate or score the prompts one at a time (batch_size=1)")
         if not isinstance(logits_to_keep, int):
             raise ValueError("logits_to_keep must be an int (the number of last positions)")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        if cache is None and use_cache:
+        if cache is None and use_cache:  # None too: a plain forward (scoring) builds no state
             cache = SerengetiCache()
         if cache is not None and not isinstance(cache, SerengetiCache):
             raise ValueError(f"cache must be a SerengetiCache, got {type(cache).__name__}")
@@ -314,7 +313,8 @@ _IGNORED_LOAD_OPTIONS = {"revision": (None, "main"), "cache_dir": None, "local_f
                          "force_download": (None, False), "token": None, "proxies": None, "_from_auto": None,
                          "adapter_kwargs": (None, {}), "low_cpu_mem_usage": None, "use_safetensors": (None, True),
                          "attn_implementation": (None, "eager", "sdpa"), "gguf_file": (None,),
-                         "quantization_config": (None,), "code_revision": (None,), "_from_pipeline": None}
+                         "quantization_config": (None,), "code_revision": (None,), "_from_pipeline": None,
+                         "max_memory": (None,), "offload_folder": None}
 
 
 def _check_load_options(kwargs: dict) -> None:
