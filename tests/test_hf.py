@@ -27,9 +27,11 @@ from serengeti.models.lm import build_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, L_MAX = 13, 40
-#: every mixer of configs/model/mixer/ and a hybrid (H3 with attention in block 1)
+#: every mixer of configs/model/mixer/, a hybrid (H3 with attention in block 1) and both Transformers
 MODELS = {name: mixer_overrides(name) for name in ("attention", "h3", "hyena", "longconv", "hyena_s5", "s5")}
 MODELS["hybrid_h3"] = ["model=hybrid_h3", "model.n_layer=3", "model.attn_layer_idx=[1]", "model.attn_cfg.num_heads=2"]
+MODELS["transformer"] = ["model=transformer", "model.attn_cfg.num_heads=2"]  # learned positions (bounded by l_max)
+MODELS["transformer_pp"] = ["model=transformer_pp", "model.attn_cfg.num_heads=2"]  # rotary, RMSNorm, SwiGLU
 TEXT = "the quick brown fox jumps over the lazy dog.\npack my box with five dozen liquor jugs!"
 
 

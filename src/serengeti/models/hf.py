@@ -35,6 +35,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from huggingface_hub.dataclasses import strict
 
 from serengeti.checkpoint import CONFIG_NAME, HF_ARCHITECTURE, HF_MODEL_TYPE, CheckpointError
+from serengeti.generation import check_memory
 from serengeti.models.lm import GenerationState, LMHeadModel, build_model
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,9 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
             cache = SerengetiCache()
         if cache is not None and not isinstance(cache, SerengetiCache):
             raise ValueError(f"cache must be a SerengetiCache, got {type(cache).__name__}")
-        logits = self._logits(input_ids, cache, logits_to_keep)[..., : self.backbone.vocab_size]
+        # without gradients (generate(), scoring) in inference mode, as serengeti.generate: cheaper per step
+        with torch.inference_mode(not torch.is_grad_enabled()):
+            logits = self._logits(input_ids, cache, logits_to_keep)[..., : self.backbone.vocab_size]
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -219,14 +222,26 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
         if cache is None:
             return backbone(input_ids, num_last_tokens=logits_to_keep)
         if cache.state is None:
-            max_len = cache.max_len or backbone.max_seq_len or input_ids.shape[1] + DEFAULT_CACHE_LEN
-            cache.state = backbone.allocate_state(input_ids.shape[0], max_len=max_len)
+            (batch, prompt_len), device = input_ids.shape, backbone.word_embeddings.weight.device
+            max_len = cache.max_len or backbone.max_seq_len or prompt_len + DEFAULT_CACHE_LEN
+            check_memory(backbone, batch, prompt_len, max(max_len - prompt_len + 1, 1), device)
+            cache.state = backbone.allocate_state(batch, max_len=max_len)
         if cache.state.offset == 0:
             return backbone(input_ids, state=cache.state, num_last_tokens=logits_to_keep)
         # a started state: one recurrent step per token (what serengeti.generate does after the prompt)
         steps = [backbone.step(input_ids[:, t], cache.state) for t in range(input_ids.shape[1])]
         logits = torch.stack(steps, dim=1)
         return logits[:, -logits_to_keep:] if logits_to_keep > 0 else logits
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: int | None = None,
+                                      cache: SerengetiCache | None = None, **kwargs: Any) -> dict:
+        """``generate()``'s inputs for one forward: the tokens the cache has not seen, the cache and the
+        remaining options (``transformers``' generic version also builds position ids and 4-D masks,
+        which these models do not take, and costs a noticeable share of a step)."""
+        kwargs.pop("labels", None)
+        if next_sequence_length is not None:
+            input_ids = input_ids[:, -next_sequence_length:]
+        return {**kwargs, "input_ids": input_ids.to(self.backbone.word_embeddings.weight.device), "cache": cache}
 
     def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, generation_mode: Any,
                                       batch_size: int, max_cache_length: int) -> None:
