@@ -13,7 +13,10 @@ The names below are imported on first use, so ``import serengeti.mixers`` stays 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +47,47 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'serengeti' has no attribute {name!r}")
 
 
-def _register_with_transformers() -> None:
-    """``AutoConfig`` / ``AutoModelForCausalLM`` learn ``model_type: serengeti`` (:mod:`serengeti.models.hf`)
-    when ``transformers`` is installed."""
+
+class _RegisterWithTransformers(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Registers serengeti's model with ``transformers``' Auto classes (:mod:`serengeti.models.hf`) right after
+    ``transformers`` itself is imported, so ``import serengeti`` stays light (no torch, no transformers:
+    entry scripts set OpenMP variables before torch loads) and ``AutoModelForCausalLM`` knows
+    ``model_type: serengeti`` in any process that imported serengeti, whichever was imported first."""
+
+    def __init__(self) -> None:
+        self.loader: Any = None
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)  # once; the real finders locate transformers
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        _register()
+
+    @classmethod
+    def install(cls) -> None:
+        if "transformers" in sys.modules:
+            _register()
+        elif importlib.util.find_spec("transformers") is not None:
+            sys.meta_path.insert(0, cls())
+
+
+def _register() -> None:
     try:
-        import transformers  # noqa: F401
-    except ImportError:
-        return
-    import serengeti.models.hf  # noqa: F401  (registers on import)
+        importlib.import_module("serengeti.models.hf")  # registers on import
+    except Exception as e:  # a broken install must not break the user's own import of transformers
+        import logging
+
+        logging.getLogger(__name__).warning("serengeti: not registered with transformers (%s: %s)", type(e).__name__, e)
 
 
-_register_with_transformers()
+_RegisterWithTransformers.install()
