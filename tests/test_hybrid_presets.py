@@ -18,6 +18,6 @@ def test_hybrid_presets_are_small(name, mixer):
                                         "pile/hybrid_h3"])
 def test_hybrid_experiments_set_the_125m_layout(experiment):
     model = compose_cfg([f"experiment={experiment}"]).model
-    assert (model.d_model, model.n_layer, model.d_inner) == (768, 12, 3072)
+    assert (model.d_model, model.n_layer, model.d_inner or 4 * model.d_model) == (768, 12, 3072)  # d_inner: null = 4 x d_model
     assert list(model.attn_layer_idx) == [1, 8]
     assert (model.attn_cfg.num_heads, model.attn_cfg.dropout) == (12, 0.1)

@@ -9,6 +9,8 @@ null), anything else (null, or a float fraction of an epoch) keeps validation pe
 ``${serengeti.min:1.0e-3,${optimizer.lr}}`` (configs/model/mixer/h3.yaml), so it follows the base lr.
 ``${serengeti.ratio:a,b}`` is ``a / b``: a warmup that starts at the learning rate 1e-6 is
 ``warmup_init_ratio: ${serengeti.ratio:1.0e-6,${optimizer.lr}}``.
+``${serengeti.below:[1,8],${model.n_layer}}`` keeps the block indices below the depth: the 125M hybrids
+put attention at blocks 1 and 8, and at ``size=tiny``'s 2 blocks only block 1 remains.
 """
 from __future__ import annotations
 
@@ -41,7 +43,15 @@ def ratio(a, b) -> float:
     return a / b
 
 
-RESOLVERS = {"serengeti.val_epochs": val_epochs, "serengeti.min": minimum, "serengeti.ratio": ratio}
+def below(indices, n) -> list[int]:
+    """The integers of ``indices`` that are smaller than ``n`` (block indices that exist at depth ``n``)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not all(isinstance(i, int) for i in indices):
+        raise ValueError(f"${{serengeti.below:...}} takes a list of integers and an integer, got {list(indices)!r}, {n!r}")
+    return [i for i in indices if i < n]
+
+
+RESOLVERS = {"serengeti.val_epochs": val_epochs, "serengeti.min": minimum, "serengeti.ratio": ratio,
+             "serengeti.below": below}
 
 
 def register() -> None:

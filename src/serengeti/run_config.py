@@ -50,6 +50,51 @@ def model_config(cfg: DictConfig, *, vocab_size: int, l_max: int | None) -> dict
     return OmegaConf.to_container(fill_from_dataset(cfg, vocab_size=vocab_size, l_max=l_max).model, resolve=True)
 
 
+FINAL_OVERRIDES = "final_overrides"
+
+
+def command_line_keys() -> set[str]:
+    """Dotted keys the command line set (``trainer.max_steps=5``, ``+dataset.x=1``), from Hydra's record of
+    this run; empty outside a Hydra run. Config-group choices (``size=tiny``) are included and harmless."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    overrides = HydraConfig.get().overrides.task
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides if "=" in str(o)}
+
+
+def apply_final_overrides(cfg: DictConfig, keep: set[str] | None = None) -> list[str]:
+    """Merge ``cfg.final_overrides`` (a preset such as ``size=tiny``) over ``cfg`` in place, then drop it.
+
+    A preset composes before an experiment's own keys (Hydra's order), so a recipe would override it;
+    merging its ``final_overrides`` at start-up lets it win instead. Keys in ``keep`` (default: those
+    set on the command line, :func:`command_line_keys`) keep their value. Returns the keys changed.
+    """
+    final = cfg.get(FINAL_OVERRIDES)
+    if final is None:
+        return []
+    keep = command_line_keys() if keep is None else keep
+    changed = []
+    with open_dict(cfg):
+        leaves = OmegaConf.to_container(final, resolve=False)
+        for key, value in _leaves(leaves):
+            if key in keep:
+                continue
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+            changed.append(key)
+        del cfg[FINAL_OVERRIDES]
+    return changed
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out += _leaves(v, key + ".") if isinstance(v, dict) and v else [(key, v)]
+    return out
+
+
 def mixer_names(config_dir: str | Path) -> list[str]:
     """Every mixer, one per file of ``<config_dir>/model/mixer/`` (the one list tests and benchmarks use)."""
     return sorted(p.stem for p in (Path(config_dir) / "model" / "mixer").glob("*.yaml"))

@@ -88,9 +88,13 @@ def apply_global_batch(cfg: DictConfig) -> None:
         return
     with open_dict(cfg):
         cfg.trainer.update(plan)
-    log.info("global batch %d sequences = %d tokens per optimizer step: %d processes x %d per device x %d accumulated",
-             cfg.dataset.global_batch_size, cfg.dataset.global_batch_size * cfg.dataset.get("seq_len", 0),
-             world_size(cfg.trainer), cfg.dataset.batch_size, plan["accumulate_grad_batches"])
+    accumulate = plan["accumulate_grad_batches"]
+    # printed, not only logged: a smaller dataset.batch_size silently means more accumulation otherwise
+    print(f"[serengeti] dataset.global_batch_size={cfg.dataset.global_batch_size} sequences "
+          f"({cfg.dataset.global_batch_size * cfg.dataset.get('seq_len', 0):,} tokens) per optimizer step = "
+          f"{world_size(cfg.trainer)} processes x dataset.batch_size={cfg.dataset.batch_size} x {accumulate} accumulated "
+          f"batches (trainer.accumulate_grad_batches={accumulate})"
+          + ("; dataset.global_batch_size=null steps after every batch" if accumulate > 1 else ""), flush=True)
 
 
 class GlobalBatchLoss(pl.Callback):

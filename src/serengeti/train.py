@@ -22,7 +22,7 @@ from serengeti.nonfinite import NonFiniteError, NonFiniteGuard
 from serengeti.preemption import Preempted, Preemption
 from serengeti.registry import UnsafeConfigError
 from serengeti.resume import ExactResume
-from serengeti.run_config import fill_from_dataset
+from serengeti.run_config import apply_final_overrides, fill_from_dataset
 from serengeti.run_record import FAILED, process_cpu_seconds, write_run_record
 from serengeti.scale import apply_global_batch
 from serengeti.tasks.lm import LMTask
@@ -88,6 +88,7 @@ def run(cfg: DictConfig, state: dict | None = None) -> dict[str, float]:
     ``state``: filled with the trainer, parameter count and start times once training begins.
     """
     cpu_start = process_cpu_seconds()
+    apply_final_overrides(cfg)  # a preset's keys (size=tiny) over the experiment's, the command line's over both
     check_config(cfg)  # before seeding: seed=abc is a config error too
     pl.seed_everything(cfg.seed, workers=True)  # a resumed run gets its RNG states back at its first batch
     datamodule, task = prepare(cfg)

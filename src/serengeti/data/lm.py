@@ -98,6 +98,10 @@ class LMDataModule(pl.LightningDataModule):
         self.roles = {"train": train_split, "val": val_split, "test": test_split}
         self.tokenize_batch_docs, self.max_eval_tokens = int(tokenize_batch_docs), max_eval_tokens
         self.cache_wait_timeout_s = cache_wait_timeout_s
+        for role in ("val", "test"):
+            if train_split is not None and self.roles[role] == train_split:
+                log.warning("dataset.train_split and dataset.%s_split both read the %r split of %s: %s scores the "
+                            "training text", role, train_split, source.name, {"val": "validation", "test": "test"}[role])
         for role, split in self.roles.items():
             if split is not None and not source.has_split(split):
                 raise FileNotFoundError(f"dataset.{role}_split={split!r}: {source.name} has no such split "
@@ -123,10 +127,14 @@ class LMDataModule(pl.LightningDataModule):
     def _make_tokenizer(self, spec, eos_token: str):
         if spec == "char":
             splits = [s for s in dict.fromkeys(self.roles.values()) if s is not None]
-            text = "".join(doc for s in splits for doc in self.source.documents(s))
-            if not text:
+            chars: set[str] = set()  # the alphabet, read chunk by chunk (a large file is a TextStream)
+            for split in splits:
+                for doc in self.source.documents(split):
+                    for chunk in [doc] if isinstance(doc, str) else doc:
+                        chars.update(chunk)
+            if not chars:
                 raise ValueError(f"dataset {self.source.name}: the splits {splits} hold no text")
-            return CharTokenizer.from_text(text, eos=self.add_eos)
+            return CharTokenizer("".join(sorted(chars)), eos=self.add_eos)
         return load_tokenizer(spec, eos_token=eos_token)
 
     def _split_hint(self, split: str) -> str:
@@ -231,16 +239,17 @@ class LMDataModule(pl.LightningDataModule):
 
 # -- concrete datasets -----------------------------------------------------------------------
 
-_WIKITEXT_FILES = {
-    "train": ("wiki.train.raw", "wiki.train.tokens", "train.txt"),
-    "validation": ("wiki.valid.raw", "wiki.valid.tokens", "valid.txt", "validation.txt"),
-    "test": ("wiki.test.raw", "wiki.test.tokens", "test.txt"),
+_WIKITEXT_FILES = {  # .tokens: found only to be refused by name
+    "train": ("wiki.train.raw", "train.txt", "wiki.train.tokens"),
+    "validation": ("wiki.valid.raw", "valid.txt", "validation.txt", "wiki.valid.tokens"),
+    "test": ("wiki.test.raw", "test.txt", "wiki.test.tokens"),
 }
 
 
 def wikitext_local_files(path: str | os.PathLike) -> dict[str, str]:
-    """``{split: file}`` for a WikiText directory (``wiki.{train,valid,test}.raw`` or ``.tokens``,
-    or ``{train,valid,test}.txt``); splits without a file are left out."""
+    """``{split: file}`` for a WikiText directory (``wiki.{train,valid,test}.raw`` or ``{train,valid,test}.txt``);
+    splits without a file are left out. The pre-tokenized ``wiki.*.tokens`` release is refused, naming its files:
+    its ``<unk>`` words would be scored as text."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"dataset.path={str(path)!r} is not a directory")
@@ -253,6 +262,11 @@ def wikitext_local_files(path: str | os.PathLike) -> dict[str, str]:
     if not found:
         raise FileNotFoundError(f"dataset.path={str(path)!r} holds none of the WikiText files "
                                 f"{[n for names in _WIKITEXT_FILES.values() for n in names]}")
+    tokens = sorted(Path(f).name for f in found.values() if f.endswith(".tokens"))
+    if tokens:
+        raise ValueError(f"dataset.path={str(path)!r} holds the pre-tokenized WikiText files {', '.join(tokens)} "
+                         "(word level, rare words replaced by <unk>), not the raw text wiki.*.raw that a BPE tokenizer "
+                         "expects: point dataset.path at the raw release (wikitext-103-raw / wikitext-2-raw)")
     return found
 
 

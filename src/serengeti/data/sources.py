@@ -74,6 +74,46 @@ def read_text_file(path: Path, where: str) -> str:
     return check_text(text, where)
 
 
+LARGE_FILE_BYTES = 16 << 20  # a one-document file above this is read in chunks (TextStream), not as one string
+
+
+class TextStream:
+    """One document too large to hold as one string: a UTF-8 text file read ``chunk_chars`` characters at a time.
+
+    Iterating yields the chunks (each checked like :func:`read_text_file`); ``str(stream)`` reads it all.
+    The token cache tokenizes it piece by piece (:func:`serengeti.data.tokenizers.text_pieces`).
+    """
+
+    def __init__(self, path: Path, where: str, chunk_chars: int = 4 << 20) -> None:
+        self.path, self.where, self.chunk_chars = Path(path), where, chunk_chars
+
+    def __iter__(self) -> Iterator[str]:
+        offset = 0
+        with open(self.path, encoding="utf-8", newline="") as fh:
+            while True:
+                try:
+                    chunk = fh.read(self.chunk_chars)
+                except UnicodeDecodeError as e:
+                    raise DataFileError(f"{self.where} is not UTF-8 text (byte 0x{e.object[e.start]:02x} after "
+                                        f"character {offset}: {e.reason}); convert it to UTF-8") from None
+                if not chunk:
+                    return
+                check_text(chunk, self.where)
+                offset += len(chunk)
+                yield chunk
+
+    def __bool__(self) -> bool:
+        return self.path.stat().st_size > 0
+
+    def __str__(self) -> str:
+        return "".join(self)
+
+
+def document_text(doc: str | TextStream) -> str:
+    """A document as one string (a :class:`TextStream` is read whole: for small uses only)."""
+    return doc if isinstance(doc, str) else str(doc)
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -138,7 +178,9 @@ class LocalFiles:
             ident["carve"] = [self.val_ratio, self.val_seed]
         return ident
 
-    def documents(self, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[str]:
+    def documents(self, split: str, shard: int = 0, num_shards: int = 1) -> Iterator[str | TextStream]:
+        """The split's documents; a one-document file larger than :data:`LARGE_FILE_BYTES` comes as a
+        :class:`TextStream`."""
         files = self.files(split)
         carve = self.carving and split in ("train", "validation")
         if num_shards > 1 and len(files) >= num_shards and not carve:
@@ -156,7 +198,7 @@ class LocalFiles:
             where = f"{self.key}: the {split} file {f}"
             name = f.name.lower()
             if self.unit == "file" and not name.endswith(_RECORD_SUFFIXES):
-                yield read_text_file(f, where)
+                yield TextStream(f, where) if f.stat().st_size > LARGE_FILE_BYTES else read_text_file(f, where)
                 continue
             try:
                 for doc in self._records(f):

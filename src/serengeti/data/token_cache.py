@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from serengeti.atomic import atomic_write_text
+from serengeti.data.tokenizers import PIECE_CHARS, text_pieces
 from serengeti.validate import ConfigError
 
 log = logging.getLogger(__name__)
@@ -166,13 +167,46 @@ def _remove_stale_temporaries(paths: CachePaths) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def write_tokens(docs: Iterable[str], tokenizer, paths: CachePaths, *, add_eos: bool, spec: dict,
+def _pieces(docs: Iterable, piece_chars: int) -> Iterator[tuple[str, bool, bool]]:
+    """``(text, ends_document, document_empty)`` pieces of at most ``piece_chars`` characters: a long string
+    or a :class:`~serengeti.data.sources.TextStream` is split (:func:`~serengeti.data.tokenizers.text_pieces`)."""
+    for doc in docs:
+        if isinstance(doc, str) and len(doc) <= piece_chars:
+            yield doc, True, not doc
+            continue
+        pieces = text_pieces([doc] if isinstance(doc, str) else doc, piece_chars)
+        piece, empty = next(pieces), True
+        for following in pieces:
+            empty = empty and not piece
+            yield piece, False, False
+            piece = following
+        yield piece, True, empty and not piece
+
+
+def _batches(pieces: Iterator[tuple[str, bool, bool]], batch_docs: int, batch_chars: int) -> Iterator[list]:
+    """Lists of pieces of at most ``batch_docs`` items and about ``batch_chars`` characters (bounded memory)."""
+    batch: list = []
+    chars = 0
+    for item in pieces:
+        batch.append(item)
+        chars += len(item[0])
+        if len(batch) >= batch_docs or chars >= batch_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def write_tokens(docs: Iterable, tokenizer, paths: CachePaths, *, add_eos: bool, spec: dict,
                  batch_docs: int = 1024, max_tokens: int | None = None,
-                 progress_every_bytes: int = 64 << 20) -> dict:
+                 progress_every_bytes: int = 64 << 20, piece_chars: int = PIECE_CHARS) -> dict:
     """Tokenize ``docs`` into ``paths.bin`` (atomically) and write ``paths.meta``; return the metadata.
 
-    Documents are encoded ``batch_docs`` at a time; with ``add_eos`` the EOS id follows every
-    non-empty document. ``max_tokens`` truncates the stream (the limit is part of ``spec``).
+    Documents (strings, or :class:`~serengeti.data.sources.TextStream` for large files) are encoded
+    ``batch_docs`` at a time, at most about ``piece_chars`` characters per call; a longer document is
+    encoded in pieces cut where the ids do not change, so memory stays bounded whatever the size of
+    a document or the corpus. With ``add_eos`` the EOS id follows every non-empty document.
+    ``max_tokens`` truncates the stream (the limit is part of ``spec``).
     """
     if add_eos and tokenizer.eos_id is None:
         raise ValueError(f"dataset.add_eos=true but the tokenizer {tokenizer!r} has no end-of-text token")
@@ -185,18 +219,18 @@ def write_tokens(docs: Iterable[str], tokenizer, paths: CachePaths, *, add_eos: 
     next_report = progress_every_bytes
     try:
         with open(tmp, "wb") as f:
-            for batch in _batched(docs, batch_docs):
-                ids = tokenizer.encode_batch(batch)
+            for batch in _batches(_pieces(docs, piece_chars), batch_docs, piece_chars):
+                ids = tokenizer.encode_batch([text for text, _, _ in batch])
                 pieces = []
-                for text, doc_ids in zip(batch, ids):
-                    if not text:
-                        continue
-                    pieces.append(doc_ids)
-                    if add_eos:
-                        pieces.append([tokenizer.eos_id])
-                n_docs += sum(1 for t in batch if t)
-                n_bytes += sum(len(t.encode("utf-8")) for t in batch)
+                for (text, ends, empty), piece_ids in zip(batch, ids):
+                    pieces.append(piece_ids)
+                    if ends and not empty:
+                        n_docs += 1
+                        if add_eos:
+                            pieces.append([tokenizer.eos_id])
+                n_bytes += sum(len(text.encode("utf-8")) for text, _, _ in batch)
                 arr = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(map(len, pieces)))
+                del ids, pieces
                 if max_tokens is not None and n_tokens + len(arr) > max_tokens:
                     arr = arr[: max_tokens - n_tokens]
                 if len(arr):
@@ -230,17 +264,6 @@ def write_tokens(docs: Iterable[str], tokenizer, paths: CachePaths, *, add_eos: 
     finally:
         tmp.unlink(missing_ok=True)
     return meta
-
-
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @contextmanager

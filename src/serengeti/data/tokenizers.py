@@ -10,13 +10,19 @@ Both expose the same small surface, which is all the data pipeline needs:
 
 The BPE tokenizer runs the Rust ``tokenizers`` backend, whose ``encode_batch`` spreads a batch
 over threads (``RAYON_NUM_THREADS`` caps them), so no Python worker processes are needed.
+
+Long texts are tokenized in pieces (:func:`text_pieces`): the backend holds about 150 bytes per
+input byte while it encodes, so one 300 MB document would need 45 GB. Pieces are cut where the
+GPT-2 pre-tokenizer splits anyway (after a newline between two non-space characters, or before a
+space between two non-space characters), and byte-level BPE never merges across those splits, so
+the ids are the same as for the whole text (tests/test_data_memory.py checks this on real text).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
@@ -46,7 +52,8 @@ class BPETokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text (no special tokens added; EOS is added by the caller)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # fast: no offsets kept
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Exact inverse of ``encode_batch`` on a whole text (special tokens are kept as text)."""
@@ -116,6 +123,36 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+PIECE_CHARS = 1 << 20  # characters per tokenizer call for long texts (about 150 MB of tokenizer memory)
+
+
+def safe_cut(text: str, limit: int) -> int:
+    """A position in ``(limit // 2, limit]`` where ``text`` can be cut without changing its BPE ids
+    (see the module docstring), or ``limit`` when there is none (text without spaces or newlines)."""
+    lo = limit // 2
+    for sep, after in (("\n", 1), (" ", 0)):
+        i = text.rfind(sep, lo, limit)
+        while i > lo:
+            if not text[i - 1].isspace() and i + 1 < len(text) and not text[i + 1].isspace():
+                return i + after
+            i = text.rfind(sep, lo, i)
+    return limit
+
+
+def text_pieces(chunks: Iterable[str], max_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """The text of ``chunks`` (one document, in any chunking) as pieces of at most ``max_chars``
+    characters cut at :func:`safe_cut` positions; always at least one piece (``""`` for no text)."""
+    carry = ""
+    for chunk in chunks:
+        buf = carry + chunk if carry else chunk
+        while len(buf) > max_chars:
+            cut = safe_cut(buf, max_chars)
+            yield buf[:cut]
+            buf = buf[cut:]
+        carry = buf
+    yield carry
 
 
 def _from_vocab_merges(vocab: str | os.PathLike, merges: str | os.PathLike, eos_token: str, name: str) -> BPETokenizer:
