@@ -104,6 +104,19 @@ def test_datamodule_recall_targets_and_bad_setting():
     assert scored[-1] == 41 and all(t % 2 == 0 for t in scored[:-1]) and len(scored) < 21
     assert all(y[t] == x[t + 1] for t in scored[:-1]), "scored targets are the next tokens"
     with pytest.raises(ValueError, match="dataset.train_targets"):
-        SyntheticDataModule(task="induction_head", train_targets="recall")
+        SyntheticDataModule(task="mqar", vocab_size=64, seq_len=16, train_targets="recall")
     with pytest.raises(ValueError, match="dataset.train_targets"):
         SyntheticDataModule(train_targets="values")
+
+
+def test_induction_head_recall_targets_score_only_the_answer():
+    """train_targets=recall on induction head: the one determined target (the token after the final "=>",
+    a copy of the token after the first) is scored, every other is ignored; the inputs are unchanged."""
+    kw = dict(task="induction_head", vocab_size=16, seq_len=24, num_examples=40, num_test_examples=8)
+    dm, ref = SyntheticDataModule(**kw, train_targets="recall"), SyntheticDataModule(**kw)
+    dm.setup(), ref.setup()
+    x, y = dm.train.inputs.long(), dm.train.targets.long()
+    assert torch.equal(x, ref.train.inputs.long()) and torch.equal(dm.test.targets, ref.test.targets)
+    assert (y[:, :-1] == -100).all() and torch.equal(y[:, -1], ref.train.targets.long()[:, -1])
+    trigger = (x[:, :-1] == x[:, -1:]).long().argmax(1)  # the first "=>" (the last input is the final "=>")
+    assert torch.equal(y[:, -1], x[torch.arange(len(x)), trigger + 1])

@@ -36,8 +36,9 @@ class SyntheticDataModule(pl.LightningDataModule):
     """Deterministic synthetic data: examples depend only on ``data_seed``; order on ``seed``.
 
     Batches are ``(inputs, targets)``, LongTensor (B, l_max); train targets score every position
-    (``train_targets="all"``) or, for associative recall, only the recall positions (``"recall"``: the
-    values whose key occurred earlier in the sequence, and the answer); validation/test targets score only
+    (``train_targets="all"``) or only the positions the context determines (``"recall"``; associative recall:
+    the values whose key occurred earlier in the sequence, and the answer; induction head: the answer only);
+    validation/test targets score only
     the measured ones. The validation set is the test set. ``num_examples=0`` draws no training set
     (scoring only: evaluate.py at another length than training, docs/evaluate.md).
     """
@@ -50,10 +51,10 @@ class SyntheticDataModule(pl.LightningDataModule):
         self.global_batch_size = global_batch_size  # sequences per optimizer step; serengeti.scale derives accumulation
         if task not in TASKS:
             raise ValueError(f"dataset.task must be one of {TASKS}, got {task!r}")
-        if train_targets not in ("all", "recall") or (train_targets == "recall" and task != "associative_recall"):
+        if train_targets not in ("all", "recall") or (train_targets == "recall" and task == "mqar"):
             raise ValueError("dataset.train_targets must be 'all' (every next token, the reference's loss) or 'recall' "
-                             f"(associative_recall only: the values whose key occurred before), got {train_targets!r} "
-                             f"for dataset.task={task!r}")
+                             "(associative_recall: the values whose key occurred before and the answer; induction_head: "
+                             f"the answer), got {train_targets!r} for dataset.task={task!r}")
         self.train_targets = train_targets
         self.task, self.vocab_size, self.seq_len = task, vocab_size, seq_len
         self.num_examples, self.num_test_examples = num_examples, num_test_examples
@@ -79,8 +80,11 @@ class SyntheticDataModule(pl.LightningDataModule):
             return train, test
         tokens = synthetics.generate_unique(self._generate_examples, total, g)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        if self.train_targets == "recall":
+        if self.train_targets == "recall" and self.task == "associative_recall":
             targets = synthetics.recall_targets(tokens, self.seq_len)
+        elif self.train_targets == "recall":  # induction head: only the copied token after the final "=>"
+            targets = torch.full_like(targets, IGNORE_INDEX).index_copy_(1, torch.tensor([targets.shape[1] - 1]),
+                                                                         targets[:, -1:])
         test_targets = torch.full_like(targets[self.num_examples:], IGNORE_INDEX)
         test_targets[:, -1] = targets[self.num_examples:, -1]
         return (inputs[: self.num_examples], targets[: self.num_examples]), (inputs[self.num_examples:], test_targets)
