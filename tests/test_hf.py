@@ -192,6 +192,26 @@ def test_old_exports_and_training_checkpoints_load(tmp_path):
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "re-export")(ids).logits, ref(ids)[..., :V])
 
 
+def test_a_checkpoint_from_training_round_trips(tmp_path):
+    """A last.ckpt written by train.py (Tiny Shakespeare, characters), directly and through its export."""
+    from test_pretrained import train_tiny
+
+    from serengeti import load_tokenizer
+    from serengeti.checkpoint import export
+
+    _, ckpt, _ = train_tiny(tmp_path, "char")
+    ref = LMHeadModel.from_pretrained(ckpt)
+    out = export(ckpt, tmp_path / "export")
+    tok, hf_tok = load_tokenizer(ckpt), AutoTokenizer.from_pretrained(out)
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    assert hf_tok(text)["input_ids"] == tok.encode_batch([text])[0]
+    ids = torch.tensor(tok.encode_batch([text[:20]]))
+    want = generate(ref, ids, 8, temperature=0.0).tokens
+    for model in (SerengetiForCausalLM.from_pretrained(ckpt), AutoModelForCausalLM.from_pretrained(out)):
+        assert torch.equal(model(ids).logits, ref(ids)[..., :ref.vocab_size])
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False)[:, 20:], want)
+
+
 @pytest.mark.parametrize("src,layers", [("safari-h3", ("h3", "attn")), ("safari-hyena", ("hyena", "hyena"))])
 def test_converted_reference_weights(src, layers, tmp_path):
     """Converted H3/Hyena reference weights: same logits as LMHeadModel and as the float64 reference forward."""
