@@ -93,6 +93,9 @@ def test_cache_continues_like_the_full_forward(tmp_path):
         rest = model(ids[:, 7:], cache=out.cache).logits
     torch.testing.assert_close(torch.cat([out.logits, one, rest], 1), full, rtol=1e-4, atol=1e-4)
     assert out.cache.get_seq_length() == 14
+    greedy = model.generate(ids[:, :6], max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids[:, :6], max_new_tokens=5, do_sample=False, use_cache=False), greedy)
+    assert model.generate(ids[:, :6], max_new_tokens=5, do_sample=True, num_return_sequences=3).shape == (3, 11)
 
 
 def test_loss_and_tuple_outputs(tmp_path):
