@@ -353,7 +353,7 @@ def write_json_atomic(path: str, obj) -> None:
 
 def write_run_record(folder: str, args, history: list[dict], *, steps: int, n_params: int) -> None:
     """``metrics.json`` and ``config_resolved.yaml`` (the flags) in ``folder``, in the layout train.py writes
-    (src/serengeti/run_record.py), so that ``python -m serengeti.report`` groups and aggregates these runs too."""
+    (src/serengeti/io/run_record.py), so that ``python -m serengeti.report`` groups and aggregates these runs too."""
     last = history[-1]
     write_json_atomic(os.path.join(folder, "config_resolved.yaml"), vars(args))  # JSON is valid YAML
     write_json_atomic(os.path.join(folder, "metrics.json"), {

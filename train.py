@@ -1,6 +1,6 @@
 """Train a serengeti model: ``python train.py experiment=wikitext/hyena [key=value ...]``.
 
-Composes ``configs/train.yaml`` and calls :func:`serengeti.train.main`; returns the monitored
+Composes ``configs/train.yaml`` and calls :func:`serengeti.training.run.main`; returns the monitored
 metric so Hydra sweepers can optimise it.
 """
 from serengeti.runtime import run_hydra_entry, threads_from_config, use_passive_omp_wait
@@ -13,7 +13,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from serengeti.train import main as run_main
+    from serengeti.training.run import main as run_main
 
     threads_from_config(cfg)  # torch threads: cfg.threads, or chosen from d_model x tokens per step
     return run_main(cfg)

@@ -4,7 +4,7 @@
     python benchmarks/compile_speed.py --mixers hyena h3 --seq-len 1024 --json out.json
 
 Each mixer's LM is built from the real configs (``model=<name>``, dropout off), copied, and one copy
-gets :func:`serengeti.compiling.compile_backbone`. One step is forward, cross-entropy, backward and an
+gets :func:`serengeti.training.compiling.compile_backbone`. One step is forward, cross-entropy, backward and an
 AdamW update. Compilation (the first calls) is timed separately; then eager and compiled steps
 alternate for ``--repeats`` rounds so that load changes on a shared machine hit both alike, and each
 entry is the median. ``speedup`` = eager step time / compiled step time (> 1: compiling helps).
@@ -26,9 +26,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from serengeti.compiling import compile_backbone  # noqa: E402
-from serengeti.models.lm import build_model  # noqa: E402
-from serengeti.run_config import mixer_names, mixer_overrides  # noqa: E402
+from serengeti.models.backbone import build_model  # noqa: E402
+from serengeti.training.compiling import compile_backbone  # noqa: E402
+from serengeti.training.run_config import mixer_names, mixer_overrides  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 #: mixer -> overrides of train.yaml that select it

@@ -30,8 +30,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from serengeti.generation import generate
-from serengeti.models.lm import build_model
+from serengeti.models.backbone import build_model
+from serengeti.models.generation import generate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 MODELS = ["transformer", "h3", "hyena_s5", "hyena"]

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serengeti.run_config import mixer_names, mixer_overrides
+from serengeti.training.run_config import mixer_names, mixer_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
@@ -72,7 +72,7 @@ def build_lm(overrides: list[str], device: str = "cuda", **shape):
     import torch
     from omegaconf import OmegaConf, open_dict
 
-    from serengeti.models.lm import build_model
+    from serengeti.models.backbone import build_model
 
     cfg = _compose(overrides)
     with open_dict(cfg):

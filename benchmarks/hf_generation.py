@@ -28,8 +28,8 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 import serengeti  # noqa: F401  (registers model_type "serengeti" with AutoModelForCausalLM)
-from serengeti.generation import generate
-from serengeti.models.lm import build_model
+from serengeti.models.generation import generate
+from serengeti.models.backbone import build_model
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 MODELS = {"attention": ["model=transformer_pp"], "h3": ["model=h3"], "hyena": ["model=hyena"],

@@ -5,7 +5,7 @@
     python benchmarks/threads.py --case 125m --extra dataset.seq_len=512 model.n_layer=1
 
 A case is a set of ``train.yaml`` overrides. Its LM is built as training builds it
-(:func:`serengeti.run_config.model_config`), fed random token batches of the dataset's shape
+(:func:`serengeti.training.run_config.model_config`), fed random token batches of the dataset's shape
 (``dataset.batch_size`` × ``dataset.seq_len``), and one timed step is forward, cross-entropy,
 backward and an AdamW step. The thread counts of a case alternate step by step
 (``torch.set_num_threads`` between steps), so load changes on a shared machine hit each count alike;
@@ -26,8 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the entry scripts (ser
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from serengeti.models.lm import build_model  # noqa: E402
-from serengeti.run_config import model_config  # noqa: E402
+from serengeti.models.backbone import build_model  # noqa: E402
+from serengeti.training.run_config import model_config  # noqa: E402
 from serengeti.runtime import auto_threads, available_cpus, step_work  # noqa: E402
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serengeti.data.lm import WikiText
+from serengeti.data.text import WikiText
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import serengeti  # noqa: F401  (registers the ${serengeti.*} resolvers the configs use)
-from serengeti.run_config import mixer_names
-from serengeti.run_config import mixer_overrides as _mixer_overrides
+from serengeti.training.run_config import mixer_names, mixer_overrides as _mixer_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
@@ -39,7 +38,7 @@ MIXERS = mixer_names(CONFIG_DIR)
 
 
 def mixer_overrides(name: str) -> list[str]:
-    """``train.yaml`` overrides that select mixer ``name`` (:func:`serengeti.run_config.mixer_overrides`)."""
+    """``train.yaml`` overrides that select mixer ``name`` (:func:`serengeti.training.run_config.mixer_overrides`)."""
     return _mixer_overrides(name, CONFIG_DIR)
 
 
@@ -71,9 +70,9 @@ def experiment_model_config(overrides: list[str], vocab_size: int | None = None,
 
     ``vocab_size`` and ``l_max`` stand in for the dataset's (defaults: ``dataset.vocab_size`` when the
     config states one, else GPT-2's 50257; ``dataset.seq_len``), filled by the training path itself
-    (:func:`serengeti.run_config.model_config`).
+    (:func:`serengeti.training.run_config.model_config`).
     """
-    from serengeti.run_config import model_config
+    from serengeti.training.run_config import model_config
 
     cfg = compose_cfg(overrides, config_dir=config_dir)
     vocab_size = vocab_size or cfg.dataset.get("vocab_size") or 50257
@@ -84,7 +83,7 @@ def build_meta(overrides: list[str], vocab_size: int | None = None, l_max: int |
                config_dir: str | Path = CONFIG_DIR):
     """``(model, model config)`` of :func:`experiment_model_config`, built by ``build_model`` on the meta
     device (no memory, no init): every option is checked against the registered classes."""
-    from serengeti.models.lm import build_model
+    from serengeti.models.backbone import build_model
 
     model_cfg = experiment_model_config(overrides, vocab_size, l_max, config_dir)
     with torch.device("meta"):

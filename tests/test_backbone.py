@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from serengeti.mixers import Attention
-from serengeti.models.lm import LMHeadModel
+from serengeti.models.backbone import LMHeadModel
 
 
 def tiny_lm(**kw) -> LMHeadModel:
@@ -186,7 +186,7 @@ def test_generation_state_step_equals_forward():
 def _option_mixers():
     """One small factory per causal mixer; the non-attention ones run as hybrids (attention in block 1),
     so that rotary positions act in every model."""
-    from serengeti.mixers import H3, S5, Hyena, HyenaS5, LongConv
+    from serengeti.mixers import H3, Hyena, HyenaS5, LongConv, S5
 
     return {
         "attention": (functools.partial(Attention, num_heads=2), []),
@@ -245,7 +245,7 @@ def test_swiglu_and_rmsnorm_by_hand():
 
 @pytest.mark.parametrize("d_inner, hidden", [(3072, 2048), (256, 168), (128, 88), (6, 8)])
 def test_swiglu_width_rule(d_inner, hidden):
-    from serengeti.models.lm import swiglu_hidden
+    from serengeti.models.backbone import swiglu_hidden
 
     assert swiglu_hidden(d_inner) == hidden
     if d_inner >= 128:  # three D x hidden matrices hold the GELU MLP's two D x d_inner within 5 %
@@ -273,7 +273,7 @@ def test_configs_before_the_options_keep_their_meaning():
     """A model config without positions/norm/mlp (every checkpoint and export written before them) builds the
     model it always did: learned positions iff max_position_embeddings > 0, LayerNorm with bias, GELU MLP;
     the weight names and shapes are unchanged, so those checkpoints load."""
-    from serengeti.models.lm import build_model
+    from serengeti.models.backbone import build_model
 
     old = {"d_model": 32, "n_layer": 2, "vocab_size": 13, "l_max": 16, "max_position_embeddings": 16,
            "mixer": {"_target_": "serengeti.mixers.Attention", "_partial_": True, "num_heads": 2}}
@@ -288,8 +288,8 @@ def test_configs_before_the_options_keep_their_meaning():
 
 def test_rotary_is_set_by_model_positions_not_by_the_mixer_config():
     """One key for one choice: a config that sets attention's rotary itself is refused, naming the key."""
-    from serengeti.models.lm import build_model
-    from serengeti.registry import UnsafeConfigError
+    from serengeti.models.backbone import build_model
+    from serengeti.errors import UnsafeConfigError
 
     attention = {"_target_": "serengeti.mixers.Attention", "_partial_": True}
     cfg = {"d_model": 32, "n_layer": 1, "vocab_size": 13, "l_max": 16, "mixer": attention}

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-import serengeti.train  # noqa: F401  (registers the config resolvers the configs use)
+import serengeti.training.run  # noqa: F401  (registers the config resolvers the configs use)
 from conftest import ROOT, compose_cfg, compose_eval_cfg, tiny_overrides
-from serengeti.data.lm import TextFiles, TinyShakespeare
 from serengeti.data.sources import DataFileError
-from serengeti.evaluate.perplexity import EvalError
-from serengeti.evaluate.run import check_settings
-from serengeti.evaluate.run import run as evaluate
-from serengeti.validate import ConfigError, check_config
+from serengeti.data.text import TextFiles, TinyShakespeare
+from serengeti.errors import ConfigError, EvalError
+from serengeti.evaluate.run import check_settings, run as evaluate
+from serengeti.training.config_checks import check_config
 
 # -- train config: types and ranges -----------------------------------------------------------
 
@@ -102,9 +101,9 @@ def test_every_shipped_experiment_passes():
 
 def test_prepare_checks_before_building(tmp_path, monkeypatch):
     """prepare() refuses a bad value before the datamodule is built."""
-    from serengeti.train import prepare
+    from serengeti.training.run import prepare
 
-    monkeypatch.setattr("serengeti.train.instantiate", lambda *a, **k: pytest.fail("built despite a bad config"))
+    monkeypatch.setattr("serengeti.training.run.instantiate", lambda *a, **k: pytest.fail("built despite a bad config"))
     with pytest.raises(ConfigError, match="optimizer.lr=0"):
         prepare(compose_cfg(tiny_overrides(tmp_path) + ["optimizer.lr=0"], output_dir=tmp_path))
 
@@ -116,7 +115,7 @@ def test_prepare_checks_before_building(tmp_path, monkeypatch):
 ])
 def test_constructor_checks_are_reported_with_their_group(override, message, tmp_path):
     """Options of one model or datamodule are checked by its constructor; prepare() names the group."""
-    from serengeti.train import prepare
+    from serengeti.training.run import prepare
 
     with pytest.raises(ConfigError, match=message):
         prepare(compose_cfg(tiny_overrides(tmp_path) + [override], output_dir=tmp_path))

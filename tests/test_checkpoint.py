@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg
-from serengeti.checkpoint import CheckpointError, export, load_model, read_checkpoint, save_pretrained, tokenizer_record
 from serengeti.data.tokenizers import CharTokenizer
-from serengeti.tasks.lm import build_model
+from serengeti.errors import CheckpointError
+from serengeti.io.checkpoint import export, load_model, read_checkpoint, save_pretrained, tokenizer_record
+from serengeti.training.lm_task import build_model
 
 
 def _cfg(tokenizer=None):

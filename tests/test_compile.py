@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import MIXERS, build_mixer, compose_cfg, tiny_overrides
-from serengeti.train import prepare
+from serengeti.training.run import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from conftest import MIXERS, ROOT, build_meta, compose_cfg
-from serengeti.registry import UnsafeConfigError
+from serengeti.errors import UnsafeConfigError
 
 EXPERIMENTS = sorted(
     str(p.relative_to(ROOT / "configs" / "experiment").with_suffix(""))

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from serengeti.data.lm import TextFiles, TinyShakespeare, WikiText
 from serengeti.data.sources import LocalFiles, in_carved_validation
+from serengeti.data.text import TextFiles, TinyShakespeare, WikiText
 from serengeti.data.token_cache import cache_paths, ensure_tokens, read_cache, write_tokens
 from serengeti.data.tokenizers import CharTokenizer, load_tokenizer
 
@@ -328,7 +328,8 @@ def test_vocab_size_mismatch_with_model(tmp_path):
 
 def test_train_prepare_names_the_key_for_vocab_mismatch_and_missing_file(tmp_path):
     from conftest import compose_cfg
-    from serengeti.train import ConfigError, prepare
+    from serengeti.errors import ConfigError
+    from serengeti.training.run import prepare
 
     f = tmp_path / "t.txt"
     f.write_text("abcdefgh" * 10)

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SHARED_DATA
 from serengeti.data import sources
-from serengeti.data.lm import TextFiles, WikiText
+from serengeti.data.text import TextFiles, WikiText
 from serengeti.data.sources import DataFileError, LocalFiles, TextStream
 from serengeti.data.token_cache import cache_paths, write_tokens
 from serengeti.data.tokenizers import CharTokenizer, load_tokenizer, safe_cut, text_pieces
@@ -90,7 +90,7 @@ def test_wikitext_tokens_files_are_refused_by_name(tmp_path):
 _PEAK = """
 import json, resource, sys
 from pathlib import Path
-from serengeti.data.lm import TextFiles
+from serengeti.data.text import TextFiles
 dm = TextFiles(train=sys.argv[1], tokenizer=sys.argv[2], seq_len=64, batch_size=2, cache_dir=sys.argv[3],
                val_split=None, test_split=None)
 n = len(dm.load_split("train"))

@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, compose_cfg, compose_eval_cfg
-from serengeti.checkpoint import CheckpointError
-from serengeti.evaluate import EvalError
-from serengeti.evaluate.run import main as evaluate_main
-from serengeti.evaluate.run import run as evaluate
-from serengeti.train import run as train
+from serengeti.errors import CheckpointError, EvalError
+from serengeti.evaluate.run import main as evaluate_main, run as evaluate
+from serengeti.training.run import run as train
 
 
 eval_cfg = compose_eval_cfg
@@ -132,8 +130,8 @@ def test_loss_by_position_matches_a_plain_forward_pass(tmp_path):
     import torch
     import torch.nn.functional as F
 
-    from serengeti.checkpoint import load_model
     from serengeti.evaluate.perplexity import build_datamodule
+    from serengeti.io.checkpoint import load_model
 
     rng = random.Random(0)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "off", "to", "see", "dog"]
@@ -230,7 +228,7 @@ def _untrained_ckpt(tmp_path: Path, overrides: list[str]) -> Path:
 
     from conftest import experiment_model_config
     from serengeti.evaluate.perplexity import build_datamodule
-    from serengeti.models.lm import build_model
+    from serengeti.models.backbone import build_model
 
     dataset_cfg = OmegaConf.to_container(compose_cfg(overrides).dataset, resolve=True)
     model_cfg = experiment_model_config(overrides, l_max=build_datamodule(dataset_cfg).l_max)
@@ -252,7 +250,7 @@ def test_seq_len_scores_the_recorded_task_at_another_length(tmp_path):
     settings (only its test examples): the accuracy is the one computed by hand on those sequences."""
     import torch
 
-    from serengeti.checkpoint import load_model
+    from serengeti.io.checkpoint import load_model
     from serengeti.data.synthetic_datamodule import SyntheticDataModule
 
     ckpt = _untrained_ckpt(tmp_path, _TINY_IH)

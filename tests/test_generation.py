@@ -6,8 +6,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MIXERS, compose_cfg, mixer_overrides
-from serengeti.generation import _tensor_bytes, check_memory, generate, memory_needed, sample, state_size, state_size_by_block
-from serengeti.tasks.lm import build_model
+from serengeti.models.generation import _tensor_bytes, check_memory, generate, memory_needed, sample, state_size, state_size_by_block
+from serengeti.training.lm_task import build_model
 V, L_MAX = 13, 40
 
 
@@ -108,7 +108,7 @@ def _state_size_cases():
     """name -> (mixer factory, floats per block counted by hand) for D = 16, seq_len = 32."""
     import functools
 
-    from serengeti.mixers import H3, S5, Attention, Hyena, HyenaS5, LongConv
+    from serengeti.mixers import Attention, H3, Hyena, HyenaS5, LongConv, S5
 
     D, L, K = 16, 32, 3  # K: short-conv taps, the last K - 1 projected inputs (of width (order + 1) D) are kept
     return {
@@ -126,7 +126,7 @@ def _state_size_cases():
 @pytest.mark.parametrize("name", sorted(_state_size_cases()))
 def test_state_size_matches_a_hand_count(name):
     """state_size reads the floats one sequence carries from allocate_state; hybrids add attention's KV cache."""
-    from serengeti.models.lm import LMHeadModel
+    from serengeti.models.backbone import LMHeadModel
 
     mixer, per_block = _state_size_cases()[name]
     model = LMHeadModel(d_model=16, n_layer=2, vocab_size=V, mixer=mixer, l_max=32)
@@ -140,7 +140,7 @@ def test_state_size_needs_a_recurrent_mode():
     import functools
 
     from serengeti.mixers import S5, StateError
-    from serengeti.models.lm import LMHeadModel
+    from serengeti.models.backbone import LMHeadModel
 
     model = LMHeadModel(d_model=16, n_layer=1, vocab_size=V, mixer=functools.partial(S5, ssm_size=8, bidirectional=True), l_max=32)
     with pytest.raises(StateError, match="no recurrent mode"):

@@ -18,11 +18,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeli
 
 from conftest import ROOT, SHARED_DATA, compose_cfg, mixer_overrides
 from serengeti import LMHeadModel
-from serengeti.checkpoint import CheckpointError, tokenizer_record
+from serengeti.errors import CheckpointError
+from serengeti.io.checkpoint import tokenizer_record
 from serengeti.data.tokenizers import CharTokenizer
-from serengeti.generation import generate
+from serengeti.models.generation import generate
 from serengeti.models.hf import SerengetiCache, SerengetiConfig, SerengetiForCausalLM
-from serengeti.models.lm import build_model
+from serengeti.models.backbone import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,7 +201,7 @@ def test_a_checkpoint_from_training_round_trips(tmp_path):
     from test_pretrained import train_tiny
 
     from serengeti import load_tokenizer
-    from serengeti.checkpoint import export
+    from serengeti.io.checkpoint import export
 
     _, ckpt, _ = train_tiny(tmp_path, "char")
     ref = LMHeadModel.from_pretrained(ckpt)

@@ -17,11 +17,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_cfg
-from serengeti.checkpoint import CheckpointError, load_model, read_checkpoint, save_pretrained
-from serengeti.evaluate import EvalError
+from serengeti.errors import CheckpointError, EvalError, UnsafeConfigError
 from serengeti.evaluate.perplexity import build_datamodule
-from serengeti.models.lm import build_model
-from serengeti.registry import UnsafeConfigError
+from serengeti.io.checkpoint import load_model, read_checkpoint, save_pretrained
+from serengeti.models.backbone import build_model
 
 
 class _Payload:

@@ -11,7 +11,7 @@ from conftest import compose_cfg
 from serengeti.data.tokenizers import CharTokenizer, load_tokenizer
 from serengeti.evaluate import lm_eval_adapter
 from serengeti.evaluate.lm_eval_adapter import LMScorer, run_lm_eval
-from serengeti.tasks.lm import build_model
+from serengeti.training.lm_task import build_model
 
 TEXT = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!"
 SMALL = {"hyena": {"filter_order": 8}, "h3": {"d_state": 8}, "attention": {"num_heads": 2}}  # configs/model/mixer/ + these

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIG_DIR, build_meta, compose_cfg, experiment_model_config
-from serengeti.accelerator import cuda_problem
-from serengeti.run_config import apply_final_overrides
-from serengeti.scale import global_batch_plan
-from serengeti.validate import check_config
+from serengeti.training.accelerator import cuda_problem
+from serengeti.training.config_checks import check_config
+from serengeti.training.global_batch import global_batch_plan
+from serengeti.training.run_config import apply_final_overrides
 
 # Hyena-S5 WT103 at vocab 50257 (docs/mixers.md#published-configurations); the OWT/Pile runs pad the vocab to 50264 (+7 rows of 768)
 HYENA_S5_125M = 128_496_384 + 7 * 768

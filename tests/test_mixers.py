@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import MIXERS, compose_cfg
-from serengeti.mixers import H3, S5, Attention, Hyena, HyenaS5, LongConv
+from serengeti.mixers import Attention, H3, Hyena, HyenaS5, LongConv, S5
 from serengeti.ops.fftconv import direct_conv_ref
-from serengeti.optim import param_groups
+from serengeti.training.optim import param_groups
 
 D_MODEL, L_MAX = 8, 48
 

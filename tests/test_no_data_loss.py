@@ -17,12 +17,13 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_cfg, compose_eval_cfg
-from serengeti.atomic import input_clash, replace_dir
-from serengeti.checkpoint import CheckpointError, check_export_target, export, load_model, save_pretrained
+from serengeti.io.atomic import input_clash, replace_dir
+from serengeti.errors import CheckpointError
+from serengeti.io.checkpoint import check_export_target, export, load_model, save_pretrained
 from serengeti.convert import main as convert_main
-from serengeti.evaluate import EvalError
+from serengeti.errors import EvalError
 from serengeti.evaluate.run import check_settings
-from serengeti.tasks.lm import build_model
+from serengeti.training.lm_task import build_model
 
 
 def _model_cfg() -> dict:
@@ -132,12 +133,12 @@ def test_replacing_an_export_never_leaves_the_path_empty(tmp_path, monkeypatch):
         (d / "config.json").write_text(text)
     seen = []
     real_rmtree = __import__("shutil").rmtree
-    monkeypatch.setattr("serengeti.atomic.shutil.rmtree",
+    monkeypatch.setattr("serengeti.io.atomic.shutil.rmtree",
                         lambda p, **kw: (seen.append((old / "config.json").read_text()), real_rmtree(p, **kw)))
     replace_dir(new, old)
     assert (old / "config.json").read_text() == "new" and seen == ["new"] and not new.exists()
 
-    monkeypatch.setattr("serengeti.atomic._exchange", lambda a, b: False)
+    monkeypatch.setattr("serengeti.io.atomic._exchange", lambda a, b: False)
     new.mkdir()
     (new / "config.json").write_text("newer")
     real_replace = os.replace
@@ -147,11 +148,11 @@ def test_replacing_an_export_never_leaves_the_path_empty(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real_replace(src, dst)
 
-    monkeypatch.setattr("serengeti.atomic.os.replace", replace)
+    monkeypatch.setattr("serengeti.io.atomic.os.replace", replace)
     with pytest.raises(OSError):
         replace_dir(new, old)
     assert (old / "config.json").read_text() == "new"  # the old export is back in place
-    monkeypatch.setattr("serengeti.atomic.os.replace", real_replace)
+    monkeypatch.setattr("serengeti.io.atomic.os.replace", real_replace)
     replace_dir(new, old)
     assert (old / "config.json").read_text() == "newer" and [p.name for p in tmp_path.iterdir()] == ["old"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import SHARED_DATA
 from serengeti.data import hub
-from serengeti.data.lm import OpenWebText, WikiText
+from serengeti.data.text import OpenWebText, WikiText
 from serengeti.data.tokenizers import hub_tokenizer_name
 
 GPT2 = SHARED_DATA / "gpt2"
@@ -24,7 +24,7 @@ def offline(monkeypatch):
     monkeypatch.setattr(hub, "_probe", lambda host, port, timeout_s: False)
     monkeypatch.setattr(hub, "dataset_cached", lambda name: False)
     monkeypatch.setattr(hub, "tokenizer_cached", lambda name: False)
-    import serengeti.data.lm as lm
+    import serengeti.data.text as lm
 
     monkeypatch.setattr(lm, "dataset_cached", lambda name: False)
     monkeypatch.setattr(lm, "tokenizer_cached", lambda name: False)
@@ -105,10 +105,10 @@ def test_evaluate_on_another_dataset_uses_the_exports_tokenizer(offline, monkeyp
     import torch
 
     from conftest import compose_eval_cfg, experiment_model_config
-    from serengeti.checkpoint import save_pretrained, tokenizer_record
+    from serengeti.io.checkpoint import save_pretrained, tokenizer_record
     from serengeti.data.tokenizers import load_tokenizer
     from serengeti.evaluate.run import run as evaluate
-    from serengeti.models.lm import build_model
+    from serengeti.models.backbone import build_model
 
     monkeypatch.setattr(hub, "_probe", lambda *a: pytest.fail("asked the hub although the export has its tokenizer"))
     tok = load_tokenizer(str(GPT2))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from serengeti.mixers import Attention
-from serengeti.models.lm import LMHeadModel
-from serengeti.optim import build_optimizer, build_scheduler, param_groups, set_optim
+from serengeti.models.backbone import LMHeadModel
+from serengeti.training.optim import build_optimizer, build_scheduler, param_groups, set_optim
 
 
 def model_with_tags():
@@ -95,8 +95,8 @@ def test_h3_ssm_lr_is_min_of_1e3_and_the_base_lr(lr, ssm_lr, caplog):
     from omegaconf import OmegaConf
 
     from conftest import compose_cfg
-    from serengeti.run_config import fill_from_dataset
-    from serengeti.tasks.lm import LMTask
+    from serengeti.training.lm_task import LMTask
+    from serengeti.training.run_config import fill_from_dataset
 
     cfg = compose_cfg(["model=h3", f"optimizer.lr={lr}", "optimizer.weight_decay=0.1", "trainer.max_steps=10"])
     assert cfg.model.mixer.ssm_lr == pytest.approx(ssm_lr)

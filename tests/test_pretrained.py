@@ -45,7 +45,7 @@ def train_tiny(tmp: Path, kind: str) -> tuple[dict, Path, dict]:
     """Train a 2-layer d_model-16 Transformer for 3 steps; ``(final metrics, last.ckpt, composed cfg)``."""
     from omegaconf import OmegaConf
 
-    from serengeti.train import run
+    from serengeti.training.run import run
 
     data = _need_shared_data()
     dataset = (bpe_dataset_overrides if kind == "bpe" else char_dataset_overrides)(data, tmp / "cache")
@@ -56,7 +56,7 @@ def train_tiny(tmp: Path, kind: str) -> tuple[dict, Path, dict]:
 
 def export_tiny(tmp: Path, kind: str) -> tuple[dict, Path, dict]:
     """:func:`train_tiny`, then ``evaluate.py task=export``; the export directory replaces the ckpt."""
-    from serengeti.checkpoint import export
+    from serengeti.io.checkpoint import export
 
     metrics, ckpt, cfg = train_tiny(tmp, kind)
     return metrics, export(ckpt, tmp / f"export_{kind}"), cfg
@@ -130,7 +130,7 @@ def test_save_pretrained_uses_the_umask(exported, tmp_path):
 
 
 def test_save_pretrained_needs_a_config():
-    from serengeti.models.lm import LMHeadModel, build_model
+    from serengeti.models.backbone import LMHeadModel, build_model
 
     model = build_model({"d_model": 8, "n_layer": 1, "vocab_size": 5, "l_max": 4,
                          "mixer": {"_target_": "serengeti.mixers.Attention", "_partial_": True, "num_heads": 1}})
@@ -144,7 +144,7 @@ def test_hostile_config_is_refused(exported, tmp_path):
     import shutil
 
     from serengeti import LMHeadModel
-    from serengeti.checkpoint import CheckpointError
+    from serengeti.errors import CheckpointError
 
     _, _, export_dir, _ = exported
     bad = tmp_path / "bad"

@@ -1,4 +1,4 @@
-"""The step progress bar (serengeti.progress) and the early refusal of GPU trainers without CUDA."""
+"""The step progress bar (serengeti.training.callbacks.progress) and the early refusal of GPU trainers without CUDA."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, compose_cfg
-from serengeti.accelerator import cuda_problem
-from serengeti.progress import LogProgress, StepProgressBar, format_duration, progress_bar
+from serengeti.training.accelerator import cuda_problem
+from serengeti.training.callbacks.progress import LogProgress, StepProgressBar, format_duration, progress_bar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,7 +73,7 @@ def test_epoch_bounded_run_keeps_the_epoch_bar(tmp_path):
 
 def test_default_callbacks_select_the_bar_by_terminal(monkeypatch):
     cfg = compose_cfg([]).callbacks.rich_progress_bar
-    assert cfg._target_ == "serengeti.progress.progress_bar"
+    assert cfg._target_ == "serengeti.training.callbacks.progress.progress_bar"
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     assert isinstance(progress_bar(), StepProgressBar)
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)

@@ -12,9 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
+from serengeti.io.atomic import atomic_write_text
+from serengeti.io.run_record import RECORD_NAME
 from serengeti.report import ReportError, find_runs, group_runs, main, mean_curve, mean_std, report, select_runs
-from serengeti.atomic import atomic_write_text
-from serengeti.run_record import RECORD_NAME
 
 
 def _fake_run(path: Path, mixer: str, vocab: int, seed: int, acc: float, curve: list[tuple[int, float]] = (),

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from serengeti.checkpointing import first_non_finite
+from serengeti.training.checkpoint_policy import first_non_finite
 
 RUN = ["trainer.max_steps=35", "dataset.num_examples=320", "dataset.num_test_examples=64", "logger=none",
        "trainer.enable_progress_bar=false", "callbacks.rich_model_summary=null", "test_after_fit=false",
@@ -163,7 +163,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
     path = tmp_path / "last.ckpt"
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from serengeti.checkpointing import atomic_save
+        from serengeti.training.checkpoint_policy import atomic_save
         atomic_save({{"step": 1, "w": torch.ones(1000)}}, {str(path)!r})
         def dying_save(obj, f):
             f.write(b"PK" + b"x" * 1000)  # a partial zip, then the power goes
@@ -176,7 +176,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
     assert r.returncode == -signal.SIGKILL
     ckpt = _ckpt(path)
     assert ckpt["step"] == 1 and bool((ckpt["w"] == 1).all())
-    from serengeti.checkpointing import atomic_save
+    from serengeti.training.checkpoint_policy import atomic_save
 
     assert len(list(tmp_path.glob(".last.ckpt.tmp-*"))) == 1  # the dead writer's partial file
     atomic_save({"step": 3}, path)
@@ -189,7 +189,7 @@ def test_rng_states_round_trip_from_any_rank_row():
 
     import numpy as np
 
-    from serengeti.resume import capture_rng, restore_rng
+    from serengeti.training.callbacks.exact_resume import capture_rng, restore_rng
 
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
     other = capture_rng()
@@ -203,7 +203,7 @@ def test_rng_states_round_trip_from_any_rank_row():
 
 
 def test_slurm_requeue_command_names_the_job_or_array_task():
-    from serengeti.preemption import slurm_requeue_command
+    from serengeti.training.callbacks.preemption import slurm_requeue_command
 
     assert slurm_requeue_command({"SLURM_JOB_ID": "123"}) == ["scontrol", "requeue", "123"]
     assert slurm_requeue_command({"SLURM_JOB_ID": "130", "SLURM_ARRAY_JOB_ID": "123",

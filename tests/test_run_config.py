@@ -1,11 +1,11 @@
-"""serengeti.run_config: the keys a run takes from its dataset, filled without touching the composed config."""
+"""serengeti.training.run_config: the keys a run takes from its dataset, filled without touching the composed config."""
 from __future__ import annotations
 
 import pytest
 
 from conftest import compose_cfg
-from serengeti.run_config import fill_from_dataset, model_config
-from serengeti.validate import ConfigError
+from serengeti.errors import ConfigError
+from serengeti.training.run_config import fill_from_dataset, model_config
 
 
 def test_fill_sets_null_keys_and_leaves_the_input_alone():

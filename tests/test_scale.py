@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import MIXERS, ROOT, build_mixer, compose_cfg, tiny_overrides
-from serengeti.scale import devices_per_node, global_batch_plan, world_size
-from serengeti.train import ConfigError, prepare, run
+from serengeti.errors import ConfigError
+from serengeti.training.global_batch import devices_per_node, global_batch_plan, world_size
+from serengeti.training.run import prepare, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +68,7 @@ EQUIVALENCE = [  # no dropout anywhere, deterministic data (the order depends on
     "logger=csv", "trainer.log_every_n_steps=1", f"trainer.max_steps={STEPS}", "trainer.enable_progress_bar=false",
     "test_after_fit=false", "dataset.num_examples=64", "dataset.num_test_examples=16", "dataset.global_batch_size=8",
     "scheduler.warmup_steps=0", "model.embed_dropout=0.0", "model.resid_dropout=0.0", "model.mixer.dropout=0.0", "trainer.limit_val_batches=0",
-    "~callbacks.rich_model_summary", "~callbacks.rich_progress_bar", "+callbacks.global_loss._target_=serengeti.scale.GlobalBatchLoss",
+    "~callbacks.rich_model_summary", "~callbacks.rich_progress_bar", "+callbacks.global_loss._target_=serengeti.training.global_batch.GlobalBatchLoss",
 ]
 
 
@@ -212,10 +213,10 @@ def test_fsdp_trainer_wraps_each_block_and_keeps_float32_parameters():
     from omegaconf import OmegaConf
     from torch.distributed.fsdp import MixedPrecision
 
-    from serengeti.models.lm import build_model
+    from serengeti.models.backbone import build_model
 
     cfg = compose_cfg(["trainer=fsdp", "model.n_layer=3"])
-    assert cfg.trainer.strategy._target_ == "serengeti.scale.fsdp_strategy" and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.strategy._target_ == "serengeti.training.global_batch.fsdp_strategy" and cfg.trainer.precision == "bf16-mixed"
     strategy = instantiate(cfg.trainer.strategy)
     model_cfg = compose_cfg(["model.vocab_size=16", "model.l_max=32"]).model
     model = build_model(OmegaConf.to_container(model_cfg, resolve=True))

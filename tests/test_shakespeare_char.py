@@ -11,9 +11,9 @@ from torch import nn
 
 from conftest import SHARED_DATA, compose_cfg
 from serengeti.config_resolvers import val_epochs
-from serengeti.data.lm import TinyShakespeare
-from serengeti.models.lm import MLP, LMHeadModel, build_model
-from serengeti.optim import param_groups
+from serengeti.data.text import TinyShakespeare
+from serengeti.models.backbone import LMHeadModel, MLP, build_model
+from serengeti.training.optim import param_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

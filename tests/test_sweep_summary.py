@@ -1,4 +1,4 @@
-"""The sweep summary (serengeti.sweep_summary): a -m multirun ends with a table of overrides and metrics."""
+"""The sweep summary (serengeti.training.sweep_summary): a -m multirun ends with a table of overrides and metrics."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from serengeti.sweep_summary import job_dirs, job_row, summary_table, varying_overrides, write_summary
+from serengeti.training.sweep_summary import job_dirs, job_row, summary_table, varying_overrides, write_summary
 
 
 def _job(sweep, name, overrides, metrics=None, steps=None):
@@ -94,7 +94,7 @@ def test_failed_status_in_the_record_wins_over_the_return_value(tmp_path):
 
 
 def test_printed_table_is_not_cut_at_80_columns_in_a_log(tmp_path, capsys, monkeypatch):
-    from serengeti.sweep_summary import print_table
+    from serengeti.training.sweep_summary import print_table
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
     long = "model.mixer.some_rather_long_option_name=" + "x" * 60

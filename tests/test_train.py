@@ -11,7 +11,8 @@ import torch
 from omegaconf import open_dict
 
 from conftest import ROOT, compose_cfg, tiny_overrides
-from serengeti.train import ConfigError, prepare, run
+from serengeti.errors import ConfigError
+from serengeti.training.run import prepare, run
 
 
 def test_fast_dev_run(tmp_path):

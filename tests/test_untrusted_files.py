@@ -14,9 +14,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg
-from serengeti.checkpoint import CheckpointError, load_model, save_pretrained
+from serengeti.errors import CheckpointError
+from serengeti.io.checkpoint import load_model, save_pretrained
 from serengeti.data.tokenizers import load_tokenizer
-from serengeti.tasks.lm import build_model
+from serengeti.training.lm_task import build_model
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ Sources:
 * ``safari-hyena``: safari's ``ConvLMHeadModel`` with Hyena blocks — e.g. Hyena-small 153M
   (``huggingface.co/Zymrael/hyena-small-150b-tok``).
 
-Both are GPT-2-style backbones whose names map one-to-one onto :class:`~serengeti.models.lm.
+Both are GPT-2-style backbones whose names map one-to-one onto :class:`~serengeti.models.backbone.
 LMHeadModel` once the ``backbone.`` prefix is dropped (``backbone.embeddings.word_embeddings`` ->
 ``word_embeddings``, ``backbone.layers.i.{norm1,norm2,mlp.fc1,mlp.fc2}`` -> ``layers.i.…``,
 ``backbone.ln_f`` -> ``ln_f``; ``lm_head.weight`` is tied to the embedding and must equal it).
@@ -56,7 +56,7 @@ Usage::
     python evaluate.py ckpt=out/h3-125m ...
 
 The output directory (``model.safetensors`` + ``config.json`` [+ ``tokenizer.json``]) is loadable
-by :func:`serengeti.checkpoint.load_model`.
+by :func:`serengeti.io.checkpoint.load_model`.
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def load_reference_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConversionError(f"input checkpoint not found: {path}")
-    from serengeti.checkpoint import CheckpointError, load_weights_only
+    from serengeti.errors import CheckpointError
+    from serengeti.io.checkpoint import load_weights_only
 
     try:
         obj = load_weights_only(path)
@@ -374,8 +375,8 @@ CONVERTERS: dict[str, Callable[..., tuple[dict, dict]]] = {
 # --- end to end ----------------------------------------------------------------------------------
 
 def _tokenizer_for(spec: str | None, vocab_size: int) -> tuple[Any, dict | None]:
-    from serengeti.checkpoint import tokenizer_record
     from serengeti.data.tokenizers import DEFAULT_EOS_TOKEN, load_tokenizer
+    from serengeti.io.checkpoint import tokenizer_record
 
     if spec is not None:
         tok = load_tokenizer(spec)
@@ -394,10 +395,10 @@ def convert(source_format: str, in_path: str | os.PathLike, out_dir: str | os.Pa
 
     The model is built from the inferred config and loaded strictly (every parameter must be
     filled) before anything is written; the directory is written atomically by
-    :func:`serengeti.checkpoint.save_pretrained`.
+    :func:`serengeti.io.checkpoint.save_pretrained`.
     """
-    from serengeti.checkpoint import check_export_target, load_weights, save_pretrained
-    from serengeti.tasks.lm import build_model
+    from serengeti.io.checkpoint import check_export_target, load_weights, save_pretrained
+    from serengeti.training.lm_task import build_model
 
     if source_format not in CONVERTERS:
         raise ConversionError(f"--from {source_format!r}: expected one of {sorted(CONVERTERS)}")

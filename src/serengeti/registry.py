@@ -19,6 +19,8 @@ import functools
 import inspect
 from typing import Any, Mapping
 
+from serengeti.errors import UnsafeConfigError
+
 #: Hydra keys that carry no constructor argument. ``_partial_`` is how configs mark a mixer factory.
 _HYDRA_FLAGS = {"_target_", "_partial_", "_convert_"}
 _PLAIN_SCALARS = (type(None), bool, int, float, str)
@@ -27,29 +29,27 @@ MIXERS: dict[str, type] = {}
 DATASETS: dict[str, type] = {}
 
 
-class UnsafeConfigError(ValueError):
-    """A stored config names a class that is not registered, an unknown option or a non-plain value."""
+#: module paths a stored config may still name after a module moved: {current module: former modules}
+FORMER_MODULES: dict[str, tuple[str, ...]] = {"serengeti.data.text": ("serengeti.data.lm",)}
 
 
-def _register(registry: dict[str, type], cls: type, aliases: tuple[str, ...]) -> type:
+def _register(registry: dict[str, type], cls: type) -> type:
+    """``cls`` under its module path, its package's re-export and its modules' former paths."""
     public = cls.__module__.rsplit(".", 1)[0]  # serengeti.mixers.hyena.Hyena is also serengeti.mixers.Hyena
-    for name in (f"{cls.__module__}.{cls.__qualname__}", f"{public}.{cls.__qualname__}", *aliases):
-        registry[name] = cls
+    modules = (cls.__module__, public, *FORMER_MODULES.get(cls.__module__, ()))
+    for module in modules:
+        registry[f"{module}.{cls.__qualname__}"] = cls
     return cls
 
 
-def register_mixer(cls: type | None = None, *, aliases: tuple[str, ...] = ()) -> Any:
-    """Class decorator: allow ``cls`` as ``model.mixer._target_`` (by its module path and re-export)."""
-    if cls is None:
-        return functools.partial(register_mixer, aliases=aliases)
-    return _register(MIXERS, cls, aliases)
+def register_mixer(cls: type) -> type:
+    """Allow ``cls`` as ``model.mixer._target_`` (by its module path and re-export)."""
+    return _register(MIXERS, cls)
 
 
-def register_dataset(cls: type | None = None, *, aliases: tuple[str, ...] = ()) -> Any:
-    """Class decorator: allow ``cls`` as ``dataset._target_``."""
-    if cls is None:
-        return functools.partial(register_dataset, aliases=aliases)
-    return _register(DATASETS, cls, aliases)
+def register_dataset(cls: type) -> type:
+    """Allow ``cls`` as ``dataset._target_`` (by its module path and re-export)."""
+    return _register(DATASETS, cls)
 
 
 def check_plain(value: Any, key: str) -> None:

@@ -3,7 +3,7 @@
     python -m serengeti.report RUN_OR_MULTIRUN_DIR... --by model.mixer._target_,dataset.vocab_size \\
         --metric test/accuracy [--x dataset.vocab_size] [--curve val/loss] [--ref 1.88:nanoGPT] --out DIR [--name NAME]
 
-Every directory below the given ones that holds a ``metrics.json`` (see :mod:`serengeti.run_record`)
+Every directory below the given ones that holds a ``metrics.json`` (see :mod:`serengeti.io.run_record`)
 is one run. Its config is read from ``config_resolved.yaml`` beside it (the values the run used,
 including those filled in from the dataset), else from Hydra's ``.hydra/config.yaml``, as plain data:
 ``${key}`` references to other keys are followed, nothing else is resolved (``${oc.env:...}`` stays
@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from serengeti.atomic import atomic_write_text
-from serengeti.run_record import (FAILED, RECORD_NAME, RESOLVED_CONFIG_NAME, RunRecordError, read_run_config,
+from serengeti.io.atomic import atomic_write_text
+from serengeti.io.run_record import (FAILED, RECORD_NAME, RESOLVED_CONFIG_NAME, RunRecordError, read_run_config,
                                   read_run_record, record_status)
 
 

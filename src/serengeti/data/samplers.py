@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Sampler
 class ResumableSampler:
     """Mixin for training samplers: ``skip_next(n)`` drops the first ``n`` indices of the next epoch
     this rank iterates, so a run resumed mid-epoch continues with the batch it would have seen next
-    (:mod:`serengeti.resume`)."""
+    (:mod:`serengeti.training.callbacks.exact_resume`)."""
 
     _skip = 0
 
@@ -25,7 +25,7 @@ class ResumableSampler:
 def seeded_loader(*args, **kwargs) -> DataLoader:
     """A ``DataLoader`` with its own generator: making its iterator (each epoch, each validation)
     then draws nothing from the global torch RNG, whose stream dropout uses and a resumed run
-    restores (:mod:`serengeti.resume`)."""
+    restores (:mod:`serengeti.training.callbacks.exact_resume`)."""
     kwargs.setdefault("generator", torch.Generator().manual_seed(0))
     return DataLoader(*args, **kwargs)
 

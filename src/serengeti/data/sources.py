@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from serengeti.validate import ConfigError
+from serengeti.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 _MASK64 = (1 << 64) - 1

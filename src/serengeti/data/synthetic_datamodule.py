@@ -48,7 +48,7 @@ class SyntheticDataModule(pl.LightningDataModule):
                  num_workers: int = 0, data_seed: int = 0, seed: int = 0, num_kv_pairs: int = 8,
                  train_targets: str = "all", global_batch_size: int | None = None) -> None:
         super().__init__()
-        self.global_batch_size = global_batch_size  # sequences per optimizer step; serengeti.scale derives accumulation
+        self.global_batch_size = global_batch_size  # sequences per optimizer step; serengeti.training.global_batch derives accumulation
         if task not in TASKS:
             raise ValueError(f"dataset.task must be one of {TASKS}, got {task!r}")
         if train_targets not in ("all", "recall") or (train_targets == "recall" and task == "mqar"):

@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from serengeti.atomic import atomic_write_text
 from serengeti.data.tokenizers import PIECE_CHARS, text_pieces
-from serengeti.validate import ConfigError
+from serengeti.errors import ConfigError
+from serengeti.io.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

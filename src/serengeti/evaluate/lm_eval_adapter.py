@@ -29,7 +29,7 @@ Conventions (what each method computes):
   before ``b`` (so later windows overlap earlier ones to keep a full context) and scores only its
   last ``b - a`` positions.
 * ``generate_until``: greedy (or, with ``do_sample``/``temperature > 0``, sampled) continuation
-  by :func:`serengeti.generation.stream` (the model's recurrent mode: prefill + one ``step`` per
+  by :func:`serengeti.models.generation.stream` (the model's recurrent mode: prefill + one ``step`` per
   token), stopped at the end-of-text token, at ``max_gen_toks``, or at the first ``until``
   string, which is cut from the returned text.
 
@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from serengeti.generation import stream
+from serengeti.models.generation import stream
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _request_args(request: Any) -> tuple:
 
 
 class LMScorer:
-    """Log-likelihoods and generation for a serengeti :class:`~serengeti.models.lm.LMHeadModel`.
+    """Log-likelihoods and generation for a serengeti :class:`~serengeti.models.backbone.LMHeadModel`.
 
     Args:
         model: the LM (eval mode is set here).
@@ -251,7 +251,7 @@ class LMScorer:
 
     def generate_ids(self, context: list[int], max_new: int, *, stop: Callable[[str], bool] | None = None,
                      temperature: float = 0.0) -> list[int]:
-        """Generate up to ``max_new`` tokens after ``context`` (batch 1) with :func:`serengeti.generation.stream`.
+        """Generate up to ``max_new`` tokens after ``context`` (batch 1) with :func:`serengeti.models.generation.stream`.
 
         Greedy when ``temperature == 0``. Stops after an end-of-text token (kept out of the result)
         or once ``stop(decoded text so far)`` is true. The context is cut on the left so context +
@@ -295,7 +295,7 @@ if _lm_eval_available():
 
         Args (all optional except one of ``pretrained`` / ``model``):
             pretrained: a ``.ckpt`` from ``train.py`` or an exported directory
-                (:func:`serengeti.checkpoint.load_model`).
+                (:func:`serengeti.io.checkpoint.load_model`).
             model, tokenizer: an already loaded LM and tokenizer (``tokenizer`` may also be a
                 tokenizer spec for ``pretrained``: a ``tokenizer.json`` or a local GPT-2 directory).
             device: default CUDA when available, else CPU.
@@ -312,7 +312,7 @@ if _lm_eval_available():
             if model is None:
                 if pretrained is None:
                     raise ValueError("the serengeti lm_eval model needs pretrained=<checkpoint path> or model=<LMHeadModel>")
-                from serengeti.checkpoint import load_model
+                from serengeti.io.checkpoint import load_model
 
                 device = device or ("cuda" if torch.cuda.is_available() else "cpu")
                 model, _, tokenizer = load_model(pretrained, device=device, tokenizer=tokenizer)
@@ -374,7 +374,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str | di
     """Run lm-evaluation-harness tasks (e.g. ``["lambada_openai", "piqa"]``) on a loaded model.
 
     Args:
-        model, tokenizer: from :func:`serengeti.checkpoint.load_model`.
+        model, tokenizer: from :func:`serengeti.io.checkpoint.load_model`.
         tasks: lm_eval task names (or task config dicts).
         num_fewshot, limit: passed to ``lm_eval.simple_evaluate`` (``limit``: examples per task).
         batch_size, max_length, device, prefix_token_id: see :class:`LMScorer`.

@@ -1,6 +1,6 @@
 """Loss / perplexity / accuracy of a loaded model on a configured dataset.
 
-The numbers come from :class:`~serengeti.tasks.lm.LMTask`'s own validation/test loop (same loss,
+The numbers come from :class:`~serengeti.training.lm_task.LMTask`'s own validation/test loop (same loss,
 same token-weighted float64 accumulation), so they equal what training logged for the same
 weights and data.
 """
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from serengeti.evaluate import EvalError
+from serengeti.errors import EvalError
 
 if TYPE_CHECKING:  # Lightning is imported only when an evaluation runs (generate/export stay light)
     import pytorch_lightning as pl
@@ -25,7 +25,8 @@ def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = No
     a registered datamodule with plain options only (an unknown ``_target_`` is refused, naming it).
     """
     import serengeti.data  # noqa: F401  (registers the datamodules)
-    from serengeti.registry import DATASETS, UnsafeConfigError, build
+    from serengeti.errors import UnsafeConfigError
+    from serengeti.registry import DATASETS, build
 
     cfg = dict(dataset_cfg)
     if batch_size is not None:
@@ -43,9 +44,9 @@ def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = No
 
 
 def check_position_buckets(value: Any) -> list[int] | None:
-    """:func:`serengeti.tasks.lm.check_position_buckets` with its error as an :class:`EvalError`, so that
+    """:func:`serengeti.training.lm_task.check_position_buckets` with its error as an :class:`EvalError`, so that
     evaluate.py can refuse a bad ``position_buckets`` before loading the model."""
-    from serengeti.tasks.lm import check_position_buckets as check
+    from serengeti.training.lm_task import check_position_buckets as check
 
     try:
         return check(value)
@@ -87,7 +88,7 @@ def _trainer(device: str, precision: str) -> pl.Trainer:
     dev = torch.device(device)
     accel = "gpu" if dev.type == "cuda" else dev.type
     devices = [dev.index] if dev.type == "cuda" and dev.index is not None else 1
-    from serengeti.progress import progress_bar
+    from serengeti.training.callbacks.progress import progress_bar
 
     # a rich bar on a terminal, a plain line every 20 s in a log file (a long split takes minutes)
     return pl.Trainer(accelerator=accel, devices=devices, precision=precision, logger=False, enable_checkpointing=False,
@@ -100,15 +101,15 @@ def evaluate_model(model: torch.nn.Module, ckpt_cfg: Mapping[str, Any], datamodu
     """``{"<split>/loss", "<split>/perplexity", "<split>/accuracy"}`` of ``model`` on ``datamodule``.
 
     Args:
-        model: the :class:`~serengeti.models.lm.LMHeadModel` (eval mode is set by Lightning). ckpt_cfg: its plain config (``model`` etc.).
+        model: the :class:`~serengeti.models.backbone.LMHeadModel` (eval mode is set by Lightning). ckpt_cfg: its plain config (``model`` etc.).
         datamodule: built from a ``dataset`` config. split: ``val`` or ``test``.
         position_buckets: increasing boundaries ``[b1, ..., bk]``; adds ``<split>/loss_pos_0_b1``, ...,
             ``<split>/loss_pos_bk_end``: the mean loss over the scored targets at those positions of
-            the window (:class:`~serengeti.tasks.lm.LMTask`; buckets without scored targets are left out).
+            the window (:class:`~serengeti.training.lm_task.LMTask`; buckets without scored targets are left out).
     """
     if split not in SPLITS:
         raise EvalError(f"split={split!r} must be one of {SPLITS}")
-    from serengeti.tasks.lm import LMTask
+    from serengeti.training.lm_task import LMTask
 
     check_compatible(datamodule, ckpt_cfg, model.length_limit())
     task = LMTask(dict(ckpt_cfg), model=model, position_buckets=check_position_buckets(position_buckets))

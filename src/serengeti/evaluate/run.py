@@ -19,14 +19,14 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from serengeti.atomic import atomic_write_text, input_clash
-from serengeti.checkpoint import TOKENIZER_NAME, CheckpointError, check_export_target, export, load_model
-from serengeti.evaluate import EvalError
+from serengeti.errors import CheckpointError, ConfigError, EvalError
 from serengeti.evaluate.perplexity import build_datamodule, check_position_buckets, evaluate_model
-from serengeti.generation import MAX_NEW_TOKENS, check_memory, generate
-from serengeti.run_dirs import remove_fresh_run_dir
-from serengeti.run_record import RECORD_NAME, RESOLVED_CONFIG_NAME
-from serengeti.validate import ConfigError, Rule, check_choice, check_rule, lightning_precisions
+from serengeti.io.atomic import atomic_write_text, input_clash
+from serengeti.io.checkpoint import TOKENIZER_NAME, check_export_target, export, load_model
+from serengeti.io.run_record import RECORD_NAME, RESOLVED_CONFIG_NAME
+from serengeti.models.generation import MAX_NEW_TOKENS, check_memory, generate
+from serengeti.training.config_checks import Rule, check_choice, check_rule, lightning_precisions
+from serengeti.training.run_dirs import remove_fresh_run_dir
 
 log = logging.getLogger("serengeti")
 
@@ -73,7 +73,7 @@ def check_settings(cfg: DictConfig) -> None:
 def input_paths(cfg: DictConfig) -> dict[str, Any]:
     """``{setting: value}`` of everything this command reads: the checkpoint, the tokenizer, the lm_eval
     task folder and the dataset's string settings but its cache (values that are no path are skipped
-    by :func:`serengeti.atomic.input_clash`)."""
+    by :func:`serengeti.io.atomic.input_clash`)."""
     inputs = {key: cfg.get(key) for key in ("ckpt", "tokenizer", "include_path")}
     dataset = cfg.get("dataset")
     if OmegaConf.is_dict(dataset):
@@ -153,7 +153,7 @@ def _write_scored_config(path: Path, ckpt: str, cfg: DictConfig, ckpt_cfg: dict,
 
 
 def _print_table(title: str, rows: dict[str, Any]) -> None:
-    from serengeti.progress import console
+    from serengeti.training.callbacks.progress import console
     from rich.table import Table
 
     table = Table(title=title)

@@ -10,13 +10,13 @@
     tok = AutoTokenizer.from_pretrained("exports/my_model")
     out = model.generate(**tok("The meaning of life is", return_tensors="pt"), max_new_tokens=32)
 
-The model wraps the backbone (:class:`~serengeti.models.lm.LMHeadModel`); no mixer is implemented
-twice. Loading goes through :func:`serengeti.checkpoint.load_model`: weights from safetensors (or a
+The model wraps the backbone (:class:`~serengeti.models.backbone.LMHeadModel`); no mixer is implemented
+twice. Loading goes through :func:`serengeti.io.checkpoint.load_model`: weights from safetensors (or a
 weights-only ``.ckpt``), the stored config checked before anything is built, no code from the folder
 (``trust_remote_code`` is never needed and is ignored; a config naming code, ``auto_map``, is refused).
 
 ``generate()`` runs on the recurrent state of docs/architecture.md ("The state / step contract"):
-:class:`SerengetiCache` carries one :class:`~serengeti.models.lm.GenerationState` (KV caches,
+:class:`SerengetiCache` carries one :class:`~serengeti.models.backbone.GenerationState` (KV caches,
 H3/S5/Hyena-S5 states, Hyena/long-conv histories); the prompt is one parallel prefill, every new
 token one ``LMHeadModel.step``, exactly as :func:`serengeti.generate`.
 """
@@ -34,9 +34,10 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from huggingface_hub.dataclasses import strict
 
-from serengeti.checkpoint import CONFIG_NAME, HF_ARCHITECTURE, HF_MODEL_TYPE, CheckpointError
-from serengeti.generation import check_memory
-from serengeti.models.lm import GenerationState, LMHeadModel, build_model
+from serengeti.errors import CheckpointError
+from serengeti.io.checkpoint import CONFIG_NAME, HF_ARCHITECTURE, HF_MODEL_TYPE
+from serengeti.models.generation import check_memory
+from serengeti.models.backbone import GenerationState, LMHeadModel, build_model
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class SerengetiConfig(PreTrainedConfig):
 
     Attributes:
         model: the resolved ``model`` config (mixer ``_target_`` and options; built by
-            :func:`~serengeti.models.lm.build_model`, which accepts only registered mixers).
+            :func:`~serengeti.models.backbone.build_model`, which accepts only registered mixers).
         dataset, tokenizer: the export's ``dataset`` config and tokenizer record (may be None).
         vocab_size: the tokenizer's vocabulary (the logits have this many columns).
     """
@@ -81,12 +82,12 @@ class SerengetiConfig(PreTrainedConfig):
 
     @property
     def serengeti_config(self) -> dict:
-        """``{"model": ..., "dataset": ..., "tokenizer": ...}`` as :func:`serengeti.checkpoint.load_model` returns it."""
+        """``{"model": ..., "dataset": ..., "tokenizer": ...}`` as :func:`serengeti.io.checkpoint.load_model` returns it."""
         return {k: getattr(self, k) for k in ("model", "dataset", "tokenizer") if getattr(self, k) is not None}
 
     @classmethod
     def from_serengeti(cls, cfg: dict, vocab_size: int, **kwargs: Any) -> SerengetiConfig:
-        """From a config of :func:`serengeti.checkpoint.read_checkpoint` (a ``.ckpt`` or an export, old or new)."""
+        """From a config of :func:`serengeti.io.checkpoint.read_checkpoint` (a ``.ckpt`` or an export, old or new)."""
         record = cfg.get("tokenizer") or {}
         eos = cfg.get("eos_token_id")
         if eos is None and record.get("kind") == "char" and record.get("eos"):
@@ -99,7 +100,7 @@ class SerengetiConfig(PreTrainedConfig):
 class SerengetiCache(Cache):
     """The recurrent state of one generation as a ``transformers`` cache.
 
-    Holds a :class:`~serengeti.models.lm.GenerationState`, allocated by the model's first forward
+    Holds a :class:`~serengeti.models.backbone.GenerationState`, allocated by the model's first forward
     (its batch size) for ``max_len`` positions in total (prompt + new tokens - 1). Attention layers
     keep a KV cache, H3/S5/Hyena-S5 a constant-size state, Hyena/long-conv their input history.
 
@@ -150,7 +151,7 @@ class SerengetiCache(Cache):
 
 
 class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
-    """A serengeti :class:`~serengeti.models.lm.LMHeadModel` (``self.backbone``) behind the ``transformers`` API.
+    """A serengeti :class:`~serengeti.models.backbone.LMHeadModel` (``self.backbone``) behind the ``transformers`` API.
 
     ``forward(input_ids)``: logits (B, L, vocab_size) (the embedding's padding rows dropped) and, with
     ``labels``, the shifted next-token cross-entropy (``-100`` ignored). Inputs are token ids of
@@ -265,7 +266,7 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
                         **kwargs: Any) -> SerengetiForCausalLM:
         """Load an export (new or older, without ``model_type``) or a ``.ckpt`` from ``train.py``.
 
-        Reads through :func:`serengeti.checkpoint.load_model` (safetensors / weights-only, the
+        Reads through :func:`serengeti.io.checkpoint.load_model` (safetensors / weights-only, the
         stored config checked before anything is built). ``dtype``/``torch_dtype``: ``None`` or
         ``"auto"`` keeps the stored float32, or a floating dtype (``torch.bfloat16``, ``"float16"``,
         ...); ``device_map``: ``None``, one device (``"cpu"``, ``"cuda:0"``, ``"auto"`` = the GPU when
@@ -273,7 +274,7 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
         need other formats (``gguf_file``, ``quantization_config``) and non-local paths.
         ``trust_remote_code`` is ignored: nothing from the folder is ever run.
         """
-        from serengeti.checkpoint import load_model
+        from serengeti.io.checkpoint import load_model
 
         if model_args:
             raise ValueError("SerengetiForCausalLM.from_pretrained takes no positional model arguments")
@@ -303,9 +304,9 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
         A folder with an earlier export of ours is updated. ``overwrite=False`` refuses, naming them,
         to replace another model's files there (a foreign ``config.json``/``tokenizer.json``). The
         tokenizer files come from ``tokenizer`` (a serengeti tokenizer), else from the folder this
-        model was loaded from or its character vocabulary (see :func:`serengeti.checkpoint.export_contents`).
+        model was loaded from or its character vocabulary (see :func:`serengeti.io.checkpoint.export_contents`).
         """
-        from serengeti.checkpoint import recorded_tokenizer, save_into
+        from serengeti.io.checkpoint import recorded_tokenizer, save_into
 
         if kwargs:
             raise ValueError(f"save_pretrained: option {next(iter(kwargs))!r} is not supported by serengeti models")

@@ -36,7 +36,7 @@ SCAN_METHODS = ("auto", "chunked", "log")  # the ``method`` names of :func:`line
 CHUNK_SIZE = 64  # chunk length T of the chunked scan; T = 32 ... 128 are within noise (benchmarks/scan.py)
 
 
-@torch.compiler.disable  # a Python loop over time / custom autograd on complex states: eager under torch.compile (serengeti/compiling.py)
+@torch.compiler.disable  # a Python loop over time / custom autograd on complex states: eager under torch.compile (serengeti/training/compiling.py)
 def linear_scan(
     a: torch.Tensor,
     b: torch.Tensor,

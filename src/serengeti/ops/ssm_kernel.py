@@ -82,7 +82,7 @@ def _real_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32
 
 
-@torch.compiler.disable  # complex128 tables filled in place: eager under torch.compile (serengeti/compiling.py)
+@torch.compiler.disable  # complex128 tables filled in place: eager under torch.compile (serengeti/training/compiling.py)
 def power_tables(log_dA: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked power tables for length ``L``: ``V = dA^r`` (H, N2, c) and ``P = dA^(c j)`` (H, N2, m).
 

@@ -10,7 +10,7 @@ A composed config leaves these keys null for the data to decide:
   configured run and not a debug cut such as ``trainer.limit_train_batches``.
 
 Interpolations such as ``max_position_embeddings: ${model.l_max}`` resolve after the fill. Training
-(:func:`serengeti.train.prepare`), the benchmarks and the tests all go through :func:`fill_from_dataset`
+(:func:`serengeti.training.run.prepare`), the benchmarks and the tests all go through :func:`fill_from_dataset`
 and :func:`model_config`; evaluation and conversion read configs that were filled when they were written.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from serengeti.validate import ConfigError
+from serengeti.errors import ConfigError
 
 
 def fill_from_dataset(cfg: DictConfig, *, vocab_size: int, l_max: int | None) -> DictConfig:
@@ -46,7 +46,7 @@ def fill_from_dataset(cfg: DictConfig, *, vocab_size: int, l_max: int | None) ->
 
 def model_config(cfg: DictConfig, *, vocab_size: int, l_max: int | None) -> dict[str, Any]:
     """The plain, resolved ``model`` config of ``cfg`` after :func:`fill_from_dataset`: what
-    :func:`serengeti.models.lm.build_model` takes."""
+    :func:`serengeti.models.backbone.build_model` takes."""
     return OmegaConf.to_container(fill_from_dataset(cfg, vocab_size=vocab_size, l_max=l_max).model, resolve=True)
 
 

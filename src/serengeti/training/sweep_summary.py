@@ -3,7 +3,7 @@
 Selected in ``configs/hydra/default.yaml`` (``hydra.callbacks.sweep_summary``). When the sweep ends,
 every job directory under ``hydra.sweep.dir`` (the ones holding ``.hydra/overrides.yaml``) is one
 row: its command-line overrides, its status, and its final metrics from the ``metrics.json`` that
-``train.py`` writes (:mod:`serengeti.run_record`; ``evaluate.py``'s flat one works too). A job that
+``train.py`` writes (:mod:`serengeti.io.run_record`; ``evaluate.py``'s flat one works too). A job that
 failed (a non-finite loss, an error) has ``status: failed`` and its reason there, and the sweep went on
 with the next job (``train.py``'s main). A job that wrote no record (the task function is not
 ``train.py``'s) shows the value its task function returned (``train.py``: the ``monitor`` metric)
@@ -25,9 +25,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from serengeti.atomic import atomic_write_text
-from serengeti.progress import console
-from serengeti.run_record import FAILED, RECORD_NAME, record_status
+from serengeti.io.atomic import atomic_write_text
+from serengeti.io.run_record import FAILED, RECORD_NAME, record_status
+from serengeti.training.callbacks.progress import console
 
 SHOWN_PREFIXES = ("val/", "test/")
 

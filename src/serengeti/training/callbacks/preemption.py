@@ -50,7 +50,7 @@ class Preempted(Exception):
 
 class Preemption(pl.Callback):
     """See the module docstring. ``checkpoint``: the callback whose ``last.ckpt`` is written
-    (:class:`serengeti.checkpointing.ModelCheckpoint`); ``None`` writes ``<root>/checkpoints/last.ckpt``."""
+    (:class:`serengeti.training.checkpoint_policy.ModelCheckpoint`); ``None`` writes ``<root>/checkpoints/last.ckpt``."""
 
     def __init__(self, checkpoint: Any = None) -> None:
         self.checkpoint = checkpoint

@@ -3,7 +3,7 @@
 Two formats are read:
 
 * a Lightning ``.ckpt`` written by ``train.py``: ``torch.load(weights_only=True)``; the plain run
-  config is ``ckpt["hyper_parameters"]["cfg"]`` (stored by :class:`~serengeti.tasks.lm.LMTask`) and
+  config is ``ckpt["hyper_parameters"]["cfg"]`` (stored by :class:`~serengeti.training.lm_task.LMTask`) and
   the weights are ``ckpt["state_dict"]`` under the ``model.`` prefix;
 * an exported directory: ``model.safetensors`` + ``config.json`` holding the
   resolved ``model`` config, the ``dataset`` config and a ``tokenizer`` record, plus
@@ -32,8 +32,9 @@ from typing import Any, Mapping
 
 import torch
 
-from serengeti.atomic import input_clash, replace_dir
-from serengeti.models.lm import LMHeadModel, build_model
+from serengeti.errors import CheckpointError
+from serengeti.io.atomic import input_clash, replace_dir
+from serengeti.models.backbone import LMHeadModel, build_model
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ FORMAT_VERSION = 1
 #: what ``config.json`` tells ``transformers`` (serengeti.models.hf registers these names)
 HF_MODEL_TYPE = "serengeti"
 HF_ARCHITECTURE = "SerengetiForCausalLM"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or does not match its config; the message names the file."""
 
 
 # -- tokenizer records -----------------------------------------------------------------------------
@@ -80,7 +77,7 @@ def tokenizer_from_record(record: Mapping | None, root: str | os.PathLike | None
         root: an exported directory; its ``tokenizer.json`` is preferred for BPE records.
         override: a ``dataset.tokenizer``-style spec to load instead (e.g. a local GPT-2 directory).
     """
-    from serengeti.data.tokenizers import DEFAULT_EOS_TOKEN, CharTokenizer, load_tokenizer
+    from serengeti.data.tokenizers import CharTokenizer, DEFAULT_EOS_TOKEN, load_tokenizer
 
     if override is not None:
         eos = (record or {}).get("eos_token", DEFAULT_EOS_TOKEN)
@@ -343,7 +340,7 @@ def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike
     """Write ``model.safetensors`` + ``config.json`` (+ tokenizer files) to ``out`` atomically.
 
     The directory is assembled under a temporary name beside ``out`` and swapped into place
-    (:func:`serengeti.atomic.replace_dir`), so ``out`` always holds the old export or the complete
+    (:func:`serengeti.io.atomic.replace_dir`), so ``out`` always holds the old export or the complete
     new one. Tied weights are stored once. An existing empty directory is used as it is.
 
     Args:

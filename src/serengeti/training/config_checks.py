@@ -1,6 +1,6 @@
 """Up-front checks of the composed train config: a bad value stops the run in one line naming its key.
 
-:func:`check_config` runs before anything is built, trained or written (``serengeti.train.prepare``
+:func:`check_config` runs before anything is built, trained or written (``serengeti.training.run.prepare``
 calls it first). It checks the type and range of the numeric settings every run uses, the names
 chosen from fixed menus (optimizer, scheduler, precision) and the combinations that would
 otherwise fail deep inside ``fit``. Settings that belong to one dataset or mixer are checked by
@@ -18,10 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key and what was expected."""
-
+from serengeti.errors import ConfigError
 
 _ABSENT = object()
 
@@ -200,7 +197,7 @@ def _check_schedule_length(cfg: DictConfig) -> None:
 
 def check_config(cfg: DictConfig) -> None:
     """Check the composed train config; raise :class:`ConfigError` naming the first bad key."""
-    from serengeti.optim import SCHEDULES, WEIGHT_DECAY_POLICIES
+    from serengeti.training.optim import SCHEDULES, WEIGHT_DECAY_POLICIES
 
     for rule in RULES:
         check_rule(cfg, rule)

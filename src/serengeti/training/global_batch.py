@@ -20,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, open_dict
 
+from serengeti.errors import ConfigError
+
 log = logging.getLogger("serengeti")
 
 
@@ -78,8 +80,6 @@ def global_batch_plan(cfg: Any) -> dict[str, int]:
 
 def apply_global_batch(cfg: DictConfig) -> None:
     """Write :func:`global_batch_plan` into ``cfg.trainer`` (raises ``ConfigError`` on a bad split)."""
-    from serengeti.train import ConfigError
-
     try:
         plan = global_batch_plan(cfg)
     except ValueError as e:
@@ -123,7 +123,7 @@ class GlobalBatchLoss(pl.Callback):
 
 def fsdp_strategy(*, sharding_strategy: str = "FULL_SHARD", state_dict_type: str = "full",
                   activation_checkpointing: bool = False, **kwargs: Any):
-    """Lightning's ``FSDPStrategy`` for the LM: one FSDP unit per residual :class:`~serengeti.models.lm.Block`.
+    """Lightning's ``FSDPStrategy`` for the LM: one FSDP unit per residual :class:`~serengeti.models.backbone.Block`.
 
     Parameters, gradients and their reduction stay float32 (``MixedPrecision`` with float32 everywhere);
     with ``trainer.precision=bf16-mixed`` the matmuls still run in bf16 under autocast, exactly as in DDP.
@@ -136,7 +136,7 @@ def fsdp_strategy(*, sharding_strategy: str = "FULL_SHARD", state_dict_type: str
     from pytorch_lightning.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
 
-    from serengeti.models.lm import Block
+    from serengeti.models.backbone import Block
 
     class _ClippingFSDPStrategy(FSDPStrategy):
         # Lightning's FSDP refuses trainer.gradient_clip_val (norm): clip through the root FSDP module,

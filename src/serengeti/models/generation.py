@@ -1,7 +1,7 @@
 """Recurrent generation: prefill the prompt once, then one ``step`` per new token.
 
 Every mixer's state (KV cache, H3/S5 state, Hyena/LongConv input history) lives in the
-:class:`~serengeti.models.lm.GenerationState` from ``LMHeadModel.allocate_state``::
+:class:`~serengeti.models.backbone.GenerationState` from ``LMHeadModel.allocate_state``::
 
     state  = model.allocate_state(B, max_len=P + N - 1)
     logits = model(prompt, state=state)[:, -1]     # prefill: parallel pass, state left at position P
@@ -94,7 +94,7 @@ def stream(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: flo
     nothing past the last token it took.
 
     Args:
-        model: an :class:`~serengeti.models.lm.LMHeadModel` (put it in eval mode first).
+        model: an :class:`~serengeti.models.backbone.LMHeadModel` (put it in eval mode first).
         prompt: (B, P) long, P >= 1.
         max_new_tokens: N >= 1.
         temperature, top_k, top_p, generator: see :func:`sample`.

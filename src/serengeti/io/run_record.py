@@ -2,7 +2,7 @@
 
 Written once per run, after the final validation and test, or when the run fails (a non-finite
 loss, an error while training; in a ``-m`` sweep also a config error), by :func:`write_run_record`;
-read by :mod:`serengeti.report` and :mod:`serengeti.sweep_summary`. Fields::
+read by :mod:`serengeti.report` and :mod:`serengeti.training.sweep_summary`. Fields::
 
     status           "completed" or "failed" (records written before this field existed: completed)
     reason           why a failed run stopped, in one line (null when completed)
@@ -15,7 +15,7 @@ read by :mod:`serengeti.report` and :mod:`serengeti.sweep_summary`. Fields::
     num_threads      torch intra-op threads the run used
     n_params         trainable parameters of the model
     state_size       floats of recurrent state one sequence carries when generating model.l_max positions
-                     (serengeti.generation.state_size: KV cache, SSM state, convolution input history);
+                     (serengeti.models.generation.state_size: KV cache, SSM state, convolution input history);
                      null for a model without a recurrent mode, a failed run, and records before the field
     git_commit       commit of the code (null outside a git checkout); git_dirty: uncommitted changes
     config           path of the resolved config written beside it (config_resolved.yaml)
@@ -36,11 +36,11 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from serengeti.atomic import atomic_write_text
+from serengeti.io.atomic import atomic_write_text
 
 RECORD_NAME = "metrics.json"
 RESOLVED_CONFIG_NAME = "config_resolved.yaml"
-_REPO = Path(__file__).resolve().parents[2]
+_REPO = Path(__file__).resolve().parents[3]
 
 
 def process_cpu_seconds() -> float:

@@ -20,8 +20,9 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from serengeti.atomic import atomic_write
-from serengeti.checkpoint import CheckpointError, load_weights_only
+from serengeti.errors import CheckpointError
+from serengeti.io.atomic import atomic_write
+from serengeti.io.checkpoint import load_weights_only
 
 log = logging.getLogger("serengeti")
 
@@ -41,7 +42,7 @@ def first_non_finite(state_dict: dict[str, Any]) -> str | None:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` atomically (:mod:`serengeti.atomic`)."""
+    """``torch.save(obj, path)`` atomically (:mod:`serengeti.io.atomic`)."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

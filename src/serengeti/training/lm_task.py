@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import torchmetrics
 
 from serengeti.data.targets import IGNORE_INDEX
-from serengeti.models.lm import LMHeadModel, build_model
-from serengeti.optim import build_optimizer, build_scheduler
+from serengeti.models.backbone import LMHeadModel, build_model
+from serengeti.training.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("serengeti")
 
@@ -202,7 +202,7 @@ class LMTask(pl.LightningModule):
             log.info("param group lr=%g wd=%g: %d tensors, %d parameters", g["lr"], g["weight_decay"], len(g["params"]),
                      sum(p.numel() for p in g["params"]))
         sched_cfg = dict(self.cfg.get("scheduler") or {"name": "constant"})
-        # serengeti.run_config fills total_steps from trainer.max_steps; only a run bounded by epochs
+        # serengeti.training.run_config fills total_steps from trainer.max_steps; only a run bounded by epochs
         # (max_steps = -1) leaves it null and takes Lightning's estimate of its optimizer steps
         total = sched_cfg.pop("total_steps", None) or self.trainer.estimated_stepping_batches
         if total is None or not math.isfinite(total):

@@ -310,17 +310,17 @@ class LMHeadModel(nn.Module):
         state.offset += 1
         return self.lm_head(self.ln_f(h + residual))
 
-    # Hugging Face-style loading; serengeti.checkpoint reads (config checked first) and writes
+    # Hugging Face-style loading; serengeti.io.checkpoint reads (config checked first) and writes
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LMHeadModel:
         """Load an exported directory (``model.safetensors`` + ``config.json``) or a ``.ckpt`` from ``train.py``.
 
-        Uses :func:`serengeti.checkpoint.load_model`: no pickled code runs and the config is checked
+        Uses :func:`serengeti.io.checkpoint.load_model`: no pickled code runs and the config is checked
         against the registered mixers before anything is built. The model is in eval mode; its
         config (``model`` and, when recorded, ``dataset`` and ``tokenizer``) is ``pretrained_config``.
         The tokenizer: :func:`serengeti.load_tokenizer`.
         """
-        from serengeti.checkpoint import load_model
+        from serengeti.io.checkpoint import load_model
 
         model, cfg, _ = load_model(path, device=device, load_tokenizer=False)
         model.pretrained_config, model.pretrained_path = cfg, str(path)
@@ -335,9 +335,9 @@ class LMHeadModel(nn.Module):
                 ``pretrained_config`` of :meth:`from_pretrained`.
             tokenizer: a BPE tokenizer whose ``tokenizer.json`` goes in; default: the one the
                 loaded checkpoint recorded (char vocabularies live in ``config.json``).
-            overwrite: replace an existing ``out`` (atomically, see :func:`serengeti.checkpoint.save_pretrained`).
+            overwrite: replace an existing ``out`` (atomically, see :func:`serengeti.io.checkpoint.save_pretrained`).
         """
-        from serengeti.checkpoint import recorded_tokenizer, save_pretrained
+        from serengeti.io.checkpoint import recorded_tokenizer, save_pretrained
 
         config = config if config is not None else getattr(self, "pretrained_config", None)
         if config is None:
@@ -384,7 +384,8 @@ def build_model(model_cfg: dict[str, Any], **overrides: Any) -> LMHeadModel:
     cannot run code, and a misspelt option fails here with a one-line :class:`UnsafeConfigError`.
     """
     import serengeti.mixers  # noqa: F401  (registers the built-in mixers)
-    from serengeti.registry import MIXERS, UnsafeConfigError, build, check_options
+    from serengeti.errors import UnsafeConfigError
+    from serengeti.registry import MIXERS, build, check_options
 
     cfg = {k: v for k, v in dict(model_cfg).items() if k not in NON_MODEL_KEYS}
     mixer_cfg = cfg.pop("mixer", None)

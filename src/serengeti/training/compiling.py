@@ -1,6 +1,6 @@
 """``model.compile=true``: torch.compile the backbone, one residual block at a time.
 
-Each :class:`~serengeti.models.lm.Block` is compiled in place with ``nn.Module.compile``, so parameter
+Each :class:`~serengeti.models.backbone.Block` is compiled in place with ``nn.Module.compile``, so parameter
 names (checkpoints, FSDP's per-block wrapping, optimizer groups) are those of the plain model, and
 identical blocks share one compiled graph. The embedding and the LM head stay eager (a gather and one
 matmul: nothing to fuse). Two regions run eagerly inside the compiled blocks, marked where they are

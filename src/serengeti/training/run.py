@@ -12,22 +12,22 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from serengeti import config_resolvers  # noqa: F401  (registers ${serengeti.*} resolvers)
-from serengeti.accelerator import cuda_problem
-from serengeti.checkpoint import CheckpointError, tokenizer_record
-from serengeti.checkpointing import ModelCheckpoint, SafeCheckpointIO, resolve_ckpt_path
-from serengeti.compiling import compile_backbone
-from serengeti.generation import state_size
+from serengeti.errors import CheckpointError, ConfigError, UnsafeConfigError
+from serengeti.io.checkpoint import tokenizer_record
+from serengeti.io.run_record import FAILED, process_cpu_seconds, write_run_record
 from serengeti.mixers.base import StateError
-from serengeti.nonfinite import NonFiniteError, NonFiniteGuard
-from serengeti.preemption import Preempted, Preemption
-from serengeti.registry import UnsafeConfigError
-from serengeti.resume import ExactResume
-from serengeti.run_config import apply_final_overrides, fill_from_dataset
-from serengeti.run_record import FAILED, process_cpu_seconds, write_run_record
-from serengeti.scale import apply_global_batch
-from serengeti.tasks.lm import LMTask
-from serengeti.run_dirs import remove_fresh_run_dir
-from serengeti.validate import ConfigError, check_config  # ConfigError re-exported here
+from serengeti.models.generation import state_size
+from serengeti.training.accelerator import cuda_problem
+from serengeti.training.callbacks.exact_resume import ExactResume
+from serengeti.training.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+from serengeti.training.callbacks.preemption import Preempted, Preemption
+from serengeti.training.checkpoint_policy import ModelCheckpoint, SafeCheckpointIO, resolve_ckpt_path
+from serengeti.training.compiling import compile_backbone
+from serengeti.training.config_checks import check_config
+from serengeti.training.global_batch import apply_global_batch
+from serengeti.training.lm_task import LMTask
+from serengeti.training.run_config import apply_final_overrides, fill_from_dataset
+from serengeti.training.run_dirs import remove_fresh_run_dir
 
 log = logging.getLogger("serengeti")
 
@@ -36,7 +36,7 @@ def prepare(cfg: DictConfig) -> tuple[pl.LightningDataModule, LMTask]:
     """Build the datamodule and the LightningModule, filling dataset-derived model keys.
 
     ``model.vocab_size``, ``model.l_max`` and ``scheduler.total_steps`` default (null) to the
-    datamodule's values and the run length (:func:`serengeti.run_config.fill_from_dataset`). Raises
+    datamodule's values and the run length (:func:`serengeti.training.run_config.fill_from_dataset`). Raises
     :class:`ConfigError` for invalid settings before anything is trained or written.
     """
     check_config(cfg)  # types and ranges of every key, before anything is built
@@ -127,7 +127,7 @@ def run(cfg: DictConfig, state: dict | None = None) -> dict[str, float]:
 
 
 def _state_size(model) -> int | None:
-    """Floats of recurrent state per sequence at the training length (:func:`serengeti.generation.state_size`);
+    """Floats of recurrent state per sequence at the training length (:func:`serengeti.models.generation.state_size`);
     ``None`` for a model without a recurrent mode (e.g. a bidirectional S5) or without an ``l_max``."""
     if model.l_max is None:
         return None
@@ -166,7 +166,7 @@ def main(cfg: DictConfig) -> float | None:
     the fresh run dir; a signal exits with 128 + its number after saving ``last.ckpt``; a non-finite
     loss exits 1 keeping the last finite checkpoint and a ``metrics.json`` with ``status: failed``.
     In a ``-m`` sweep a failed job (other than a signal) is recorded as failed in its directory
-    instead and the sweep goes on; :class:`serengeti.sweep_summary.SweepSummary` shows it and exits
+    instead and the sweep goes on; :class:`serengeti.training.sweep_summary.SweepSummary` shows it and exits
     non-zero at the end. ``SERENGETI_DEBUG=1`` re-raises with the traceback.
     """
     state: dict = {}

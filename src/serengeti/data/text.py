@@ -23,11 +23,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from serengeti.data.samplers import seeded_loader
 from serengeti.data.hub import HubNeed, check_hub_needs, dataset_cached, tokenizer_cached
+from serengeti.data.samplers import seeded_loader
 from serengeti.data.sources import HFDataset, LocalFiles, read_text_file
 from serengeti.data.token_cache import TokenArray, build_locked, cache_paths, ensure_tokens, read_cache, write_tokens
-from serengeti.data.tokenizers import DEFAULT_EOS_TOKEN, CharTokenizer, hub_tokenizer_name, load_tokenizer
+from serengeti.data.tokenizers import CharTokenizer, DEFAULT_EOS_TOKEN, hub_tokenizer_name, load_tokenizer
 from serengeti.data.windows import (
     EvalSampler,
     EvalWindows,
@@ -70,7 +70,7 @@ class LMDataModule(pl.LightningDataModule):
         pin_memory: DataLoader ``pin_memory``.
         cache_wait_timeout_s: how long non-zero DDP ranks wait for rank 0's build.
         global_batch_size: sequences per optimizer step over all processes (``null``: no derivation);
-            read at start-up by :mod:`serengeti.scale`, not by the datamodule.
+            read at start-up by :mod:`serengeti.training.global_batch`, not by the datamodule.
     """
 
     def __init__(self, source, *, seq_len: int, batch_size: int, tokenizer: str | Mapping = "gpt2",
@@ -81,7 +81,7 @@ class LMDataModule(pl.LightningDataModule):
                  tokenize_batch_docs: int = 1024, max_eval_tokens: int | None = None, pin_memory: bool = False,
                  cache_wait_timeout_s: float = 6 * 3600, global_batch_size: int | None = None) -> None:
         super().__init__()
-        self.global_batch_size = global_batch_size  # sequences per optimizer step; serengeti.scale derives accumulation
+        self.global_batch_size = global_batch_size  # sequences per optimizer step; serengeti.training.global_batch derives accumulation
         if seq_len < 1:
             raise ValueError(f"dataset.seq_len must be >= 1, got {seq_len}")
         if batch_size < 1:
