@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_cfg
-from serengeti.data.tokenizers import CharTokenizer
+from serengeti.data.tokenizers import CharTokenizer, tokenizer_record
 from serengeti.errors import CheckpointError
-from serengeti.io.checkpoint import export, load_model, read_checkpoint, save_pretrained, tokenizer_record
+from serengeti.io.checkpoint import read_checkpoint, save_pretrained
+from serengeti.models.pretrained import export, load_model
 from serengeti.training.lm_task import build_model
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from serengeti.convert import ConversionError, convert, main, remap_legacy
-from serengeti.io.checkpoint import load_model
+from serengeti.models.pretrained import load_model
 
 ROWS, VOCAB = 40, 37  # embedding rows (padded to a multiple of 8) and tokenizer vocabulary
 D, D_INNER = 8, 20

@@ -131,7 +131,7 @@ def test_loss_by_position_matches_a_plain_forward_pass(tmp_path):
     import torch.nn.functional as F
 
     from serengeti.evaluate.perplexity import build_datamodule
-    from serengeti.io.checkpoint import load_model
+    from serengeti.models.pretrained import load_model
 
     rng = random.Random(0)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "ran", "off", "to", "see", "dog"]
@@ -250,7 +250,7 @@ def test_seq_len_scores_the_recorded_task_at_another_length(tmp_path):
     settings (only its test examples): the accuracy is the one computed by hand on those sequences."""
     import torch
 
-    from serengeti.io.checkpoint import load_model
+    from serengeti.models.pretrained import load_model
     from serengeti.data.synthetic_datamodule import SyntheticDataModule
 
     ckpt = _untrained_ckpt(tmp_path, _TINY_IH)

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeli
 from conftest import ROOT, SHARED_DATA, compose_cfg, mixer_overrides
 from serengeti import LMHeadModel
 from serengeti.errors import CheckpointError
-from serengeti.io.checkpoint import tokenizer_record
+from serengeti.data.tokenizers import tokenizer_record
 from serengeti.data.tokenizers import CharTokenizer
 from serengeti.models.generation import generate
 from serengeti.models.hf import SerengetiCache, SerengetiConfig, SerengetiForCausalLM

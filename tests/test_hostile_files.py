@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 from conftest import ROOT, compose_cfg
 from serengeti.errors import CheckpointError, EvalError, UnsafeConfigError
 from serengeti.evaluate.perplexity import build_datamodule
-from serengeti.io.checkpoint import load_model, read_checkpoint, save_pretrained
+from serengeti.io.checkpoint import read_checkpoint, save_pretrained
 from serengeti.models.backbone import build_model
+from serengeti.models.pretrained import load_model
 
 
 class _Payload:

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 from conftest import ROOT, compose_cfg, compose_eval_cfg
 from serengeti.io.atomic import input_clash, replace_dir
 from serengeti.errors import CheckpointError
-from serengeti.io.checkpoint import check_export_target, export, load_model, save_pretrained
+from serengeti.io.checkpoint import check_export_target, save_pretrained
+from serengeti.models.pretrained import export, load_model
 from serengeti.convert import main as convert_main
 from serengeti.errors import EvalError
 from serengeti.evaluate.run import check_settings

@@ -105,7 +105,8 @@ def test_evaluate_on_another_dataset_uses_the_exports_tokenizer(offline, monkeyp
     import torch
 
     from conftest import compose_eval_cfg, experiment_model_config
-    from serengeti.io.checkpoint import save_pretrained, tokenizer_record
+    from serengeti.data.tokenizers import tokenizer_record
+    from serengeti.io.checkpoint import save_pretrained
     from serengeti.data.tokenizers import load_tokenizer
     from serengeti.evaluate.run import run as evaluate
     from serengeti.models.backbone import build_model

@@ -56,7 +56,7 @@ def train_tiny(tmp: Path, kind: str) -> tuple[dict, Path, dict]:
 
 def export_tiny(tmp: Path, kind: str) -> tuple[dict, Path, dict]:
     """:func:`train_tiny`, then ``evaluate.py task=export``; the export directory replaces the ckpt."""
-    from serengeti.io.checkpoint import export
+    from serengeti.models.pretrained import export
 
     metrics, ckpt, cfg = train_tiny(tmp, kind)
     return metrics, export(ckpt, tmp / f"export_{kind}"), cfg

@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose_cfg
 from serengeti.errors import CheckpointError
-from serengeti.io.checkpoint import load_model, save_pretrained
+from serengeti.io.checkpoint import save_pretrained
+from serengeti.models.pretrained import load_model
 from serengeti.data.tokenizers import load_tokenizer
 from serengeti.training.lm_task import build_model
 

@@ -24,7 +24,7 @@ __all__ = ["LMHeadModel", "generate", "load_model", "load_tokenizer"]
 
 from serengeti import config_resolvers as _config_resolvers  # noqa: F401  (${serengeti.*} for every config user)
 
-_LAZY = {"LMHeadModel": "serengeti.models.backbone", "generate": "serengeti.models.generation", "load_model": "serengeti.io.checkpoint"}
+_LAZY = {"LMHeadModel": "serengeti.models.backbone", "generate": "serengeti.models.generation", "load_model": "serengeti.models.pretrained"}
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -33,9 +33,10 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     A :class:`~serengeti.data.tokenizers.BPETokenizer` (read from the export's ``tokenizer.json``
     when present) or :class:`~serengeti.data.tokenizers.CharTokenizer`; ``None`` for synthetic-task
     checkpoints, whose interface is token ids. Raises
-    :class:`~serengeti.io.checkpoint.CheckpointError` for a missing or unreadable checkpoint.
+    :class:`~serengeti.errors.CheckpointError` for a missing or unreadable checkpoint.
     """
-    from serengeti.io.checkpoint import read_checkpoint, tokenizer_from_record
+    from serengeti.data.tokenizers import tokenizer_from_record
+    from serengeti.io.checkpoint import read_checkpoint
 
     cfg, _ = read_checkpoint(path)
     return tokenizer_from_record(cfg.get("tokenizer"), path if Path(path).is_dir() else None)

@@ -56,7 +56,7 @@ Usage::
     python evaluate.py ckpt=out/h3-125m ...
 
 The output directory (``model.safetensors`` + ``config.json`` [+ ``tokenizer.json``]) is loadable
-by :func:`serengeti.io.checkpoint.load_model`.
+by :func:`serengeti.models.pretrained.load_model`.
 """
 from __future__ import annotations
 
@@ -375,8 +375,7 @@ CONVERTERS: dict[str, Callable[..., tuple[dict, dict]]] = {
 # --- end to end ----------------------------------------------------------------------------------
 
 def _tokenizer_for(spec: str | None, vocab_size: int) -> tuple[Any, dict | None]:
-    from serengeti.data.tokenizers import DEFAULT_EOS_TOKEN, load_tokenizer
-    from serengeti.io.checkpoint import tokenizer_record
+    from serengeti.data.tokenizers import DEFAULT_EOS_TOKEN, load_tokenizer, tokenizer_record
 
     if spec is not None:
         tok = load_tokenizer(spec)

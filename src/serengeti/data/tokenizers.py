@@ -21,9 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from serengeti.errors import CheckpointError
+from serengeti.io.checkpoint import TOKENIZER_NAME, first_line
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
 
@@ -41,6 +48,9 @@ class BPETokenizer:
         eos_token: the end-of-text token; must be in the vocabulary.
     """
 
+    def transformers_files(self, model_max_length: int | None = None) -> dict[str, str]:
+        """:func:`transformers_tokenizer_files` of this tokenizer (what an export writes for ``AutoTokenizer``)."""
+        return transformers_tokenizer_files(self, model_max_length)
     def __init__(self, backend, name: str, eos_token: str = DEFAULT_EOS_TOKEN) -> None:
         self.backend = backend
         self.name = name
@@ -73,6 +83,9 @@ class CharTokenizer:
 
     name = "char"
 
+    def transformers_files(self, model_max_length: int | None = None) -> dict[str, str]:
+        """:func:`transformers_tokenizer_files` of this tokenizer (what an export writes for ``AutoTokenizer``)."""
+        return transformers_tokenizer_files(self, model_max_length)
     def __init__(self, chars: str, eos: bool = False) -> None:
         if not chars:
             raise ValueError("character tokenizer needs a non-empty alphabet (is the text empty?)")
@@ -273,3 +286,74 @@ def transformers_tokenizer_files(tokenizer: BPETokenizer | CharTokenizer, model_
     if model_max_length is not None:
         config["model_max_length"] = int(model_max_length)
     return {"tokenizer.json": backend.to_str(), "tokenizer_config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
+
+
+# -- records: how checkpoints and exports name their tokenizer ------------------------------------
+
+def tokenizer_record(tokenizer: Any, vocab_size: int | None = None) -> dict | None:
+    """A JSON-able description of a datamodule's tokenizer, stored in checkpoints and exports
+    (``None`` tokenizer with a ``vocab_size``: ``{"kind": "ids"}``; the kinds: :mod:`serengeti.io.checkpoint`)."""
+    if tokenizer is None:
+        return None if vocab_size is None else {"kind": "ids", "vocab_size": int(vocab_size)}
+    if isinstance(tokenizer, CharTokenizer):
+        return {"kind": "char", "chars": tokenizer.chars, "eos": tokenizer.eos_id is not None,
+                "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint}
+    if isinstance(tokenizer, BPETokenizer):
+        eos_token = tokenizer.backend.id_to_token(tokenizer.eos_id)
+        return {"kind": "bpe", "name": tokenizer.name, "eos_token": eos_token,
+                "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint}
+    log.warning("no tokenizer record for %s: the checkpoint will not know how to encode text", type(tokenizer).__name__)
+    return None
+
+
+def tokenizer_from_record(record: Mapping | None, root: str | os.PathLike | None = None, *, override: Any = None):
+    """Rebuild a tokenizer. ``None`` for no record or an ``ids`` record (synthetic data).
+
+    Args:
+        record: from :func:`tokenizer_record`.
+        root: an exported directory; its ``tokenizer.json`` is preferred for BPE records.
+        override: a ``dataset.tokenizer``-style spec to load instead (e.g. a local GPT-2 directory).
+    """
+    if override is not None:
+        eos = (record or {}).get("eos_token", DEFAULT_EOS_TOKEN)
+        try:
+            return load_tokenizer(override, eos_token=eos)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"tokenizer={override!r} could not be loaded ({first_line(e)})") from e
+    if not record or record.get("kind") == "ids":
+        return None
+    kind = record.get("kind")
+    if kind == "char":
+        return CharTokenizer(record["chars"], eos=bool(record["eos"]))
+    if kind != "bpe":
+        raise CheckpointError(f"unknown tokenizer kind {kind!r} in the checkpoint's tokenizer record")
+    local = Path(root) / TOKENIZER_NAME if root is not None else None
+    spec = str(local) if local is not None and local.is_file() else record["name"]
+    try:
+        tok = load_tokenizer(spec, eos_token=record.get("eos_token", DEFAULT_EOS_TOKEN))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's tokenizer {spec!r} could not be loaded ({e}); "
+                              "pass tokenizer=<local tokenizer directory or tokenizer.json>") from e
+    if tok.vocab_size != record["vocab_size"]:
+        raise CheckpointError(f"tokenizer {spec!r} has {tok.vocab_size} ids, the checkpoint was trained with "
+                              f"{record['vocab_size']}")
+    if tok.fingerprint != record.get("fingerprint"):
+        log.warning("tokenizer %r differs in its serialisation from the one recorded at training time "
+                    "(same vocabulary size %d)", spec, tok.vocab_size)
+    return tok
+
+
+def recorded_tokenizer(cfg: Mapping, root: str | os.PathLike | None = None) -> Any:
+    """The tokenizer a config records, for writing its files into an export: the BPE tokenizer
+    (``root``: the export holding ``tokenizer.json``) or the character vocabulary; ``None`` for id
+    records and, with a warning, for a BPE tokenizer that cannot be loaded here.
+    """
+    if (cfg.get("tokenizer") or {}).get("kind") == "char":
+        return tokenizer_from_record(cfg["tokenizer"])
+    if (cfg.get("tokenizer") or {}).get("kind") != "bpe":
+        return None
+    try:
+        return tokenizer_from_record(cfg["tokenizer"], root)
+    except CheckpointError as e:
+        log.warning("export without tokenizer.json: %s", e)
+        return None

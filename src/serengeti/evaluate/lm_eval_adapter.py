@@ -295,7 +295,7 @@ if _lm_eval_available():
 
         Args (all optional except one of ``pretrained`` / ``model``):
             pretrained: a ``.ckpt`` from ``train.py`` or an exported directory
-                (:func:`serengeti.io.checkpoint.load_model`).
+                (:func:`serengeti.models.pretrained.load_model`).
             model, tokenizer: an already loaded LM and tokenizer (``tokenizer`` may also be a
                 tokenizer spec for ``pretrained``: a ``tokenizer.json`` or a local GPT-2 directory).
             device: default CUDA when available, else CPU.
@@ -312,7 +312,7 @@ if _lm_eval_available():
             if model is None:
                 if pretrained is None:
                     raise ValueError("the serengeti lm_eval model needs pretrained=<checkpoint path> or model=<LMHeadModel>")
-                from serengeti.io.checkpoint import load_model
+                from serengeti.models.pretrained import load_model
 
                 device = device or ("cuda" if torch.cuda.is_available() else "cpu")
                 model, _, tokenizer = load_model(pretrained, device=device, tokenizer=tokenizer)
@@ -374,7 +374,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: Sequence[str | di
     """Run lm-evaluation-harness tasks (e.g. ``["lambada_openai", "piqa"]``) on a loaded model.
 
     Args:
-        model, tokenizer: from :func:`serengeti.io.checkpoint.load_model`.
+        model, tokenizer: from :func:`serengeti.models.pretrained.load_model`.
         tasks: lm_eval task names (or task config dicts).
         num_fewshot, limit: passed to ``lm_eval.simple_evaluate`` (``limit``: examples per task).
         batch_size, max_length, device, prefix_token_id: see :class:`LMScorer`.

@@ -22,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from serengeti.errors import CheckpointError, ConfigError, EvalError
 from serengeti.evaluate.perplexity import build_datamodule, check_position_buckets, evaluate_model
 from serengeti.io.atomic import atomic_write_text, input_clash
-from serengeti.io.checkpoint import TOKENIZER_NAME, check_export_target, export, load_model
+from serengeti.io.checkpoint import TOKENIZER_NAME, check_export_target
 from serengeti.io.run_record import RECORD_NAME, RESOLVED_CONFIG_NAME
 from serengeti.models.generation import MAX_NEW_TOKENS, check_memory, generate
+from serengeti.models.pretrained import export, load_model
 from serengeti.training.config_checks import Rule, check_choice, check_rule, lightning_precisions
 from serengeti.training.run_dirs import remove_fresh_run_dir
 

@@ -1,4 +1,4 @@
-"""Checkpoints in and out, without executing pickled code.
+"""The checkpoint and export file formats, read and written without executing pickled code.
 
 Two formats are read:
 
@@ -9,20 +9,24 @@ Two formats are read:
   resolved ``model`` config, the ``dataset`` config and a ``tokenizer`` record, plus
   ``tokenizer.json`` for BPE tokenizers, so the directory is self-contained.
 
-The config dict returned by :func:`load_model` always has ``model``; ``dataset`` and ``tokenizer``
-are present when the checkpoint recorded them. A tokenizer record is one of::
+The config dict returned by :func:`read_checkpoint` always has ``model``; ``dataset`` and ``tokenizer``
+are present when the checkpoint recorded them. A tokenizer record (written and read by
+:mod:`serengeti.data.tokenizers`) is one of::
 
     {"kind": "char", "chars": "...", "eos": bool, "vocab_size": V, "fingerprint": ...}
     {"kind": "bpe", "name": "gpt2" | path | {vocab, merges}, "eos_token": ..., "vocab_size": V, "fingerprint": ...}
     {"kind": "ids", "vocab_size": V}       # synthetic tasks: no text, token ids are the interface
 
-Public API: :func:`load_model`, :func:`read_checkpoint`, :func:`load_weights`,
-:func:`save_pretrained`, :func:`check_export_target`, :func:`export`, :func:`tokenizer_record`, :func:`tokenizer_from_record`.
+This module knows files, not models: it takes and gives state dicts and plain configs. Building
+the model from them is :meth:`serengeti.models.backbone.LMHeadModel.from_pretrained`;
+:mod:`serengeti.models.pretrained` adds the tokenizer (``load_model``) and ``export``.
+
+Public API: :func:`read_checkpoint`, :func:`load_weights_only`, :func:`load_weights`, :func:`save_pretrained`,
+:func:`check_export_target`.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -34,9 +38,6 @@ import torch
 
 from serengeti.errors import CheckpointError
 from serengeti.io.atomic import input_clash, replace_dir
-from serengeti.models.backbone import LMHeadModel, build_model
-
-log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -48,64 +49,6 @@ FORMAT_VERSION = 1
 #: what ``config.json`` tells ``transformers`` (serengeti.models.hf registers these names)
 HF_MODEL_TYPE = "serengeti"
 HF_ARCHITECTURE = "SerengetiForCausalLM"
-
-
-# -- tokenizer records -----------------------------------------------------------------------------
-
-def tokenizer_record(tokenizer: Any, vocab_size: int | None = None) -> dict | None:
-    """A JSON-able description of a datamodule's tokenizer (``None`` tokenizer: ``{"kind": "ids"}``)."""
-    from serengeti.data.tokenizers import BPETokenizer, CharTokenizer
-
-    if tokenizer is None:
-        return None if vocab_size is None else {"kind": "ids", "vocab_size": int(vocab_size)}
-    if isinstance(tokenizer, CharTokenizer):
-        return {"kind": "char", "chars": tokenizer.chars, "eos": tokenizer.eos_id is not None,
-                "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint}
-    if isinstance(tokenizer, BPETokenizer):
-        eos_token = tokenizer.backend.id_to_token(tokenizer.eos_id)
-        return {"kind": "bpe", "name": tokenizer.name, "eos_token": eos_token,
-                "vocab_size": tokenizer.vocab_size, "fingerprint": tokenizer.fingerprint}
-    log.warning("no tokenizer record for %s: the checkpoint will not know how to encode text", type(tokenizer).__name__)
-    return None
-
-
-def tokenizer_from_record(record: Mapping | None, root: str | os.PathLike | None = None, *, override: Any = None):
-    """Rebuild a tokenizer. ``None`` for no record or an ``ids`` record (synthetic data).
-
-    Args:
-        record: from :func:`tokenizer_record`.
-        root: an exported directory; its ``tokenizer.json`` is preferred for BPE records.
-        override: a ``dataset.tokenizer``-style spec to load instead (e.g. a local GPT-2 directory).
-    """
-    from serengeti.data.tokenizers import CharTokenizer, DEFAULT_EOS_TOKEN, load_tokenizer
-
-    if override is not None:
-        eos = (record or {}).get("eos_token", DEFAULT_EOS_TOKEN)
-        try:
-            return load_tokenizer(override, eos_token=eos)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"tokenizer={override!r} could not be loaded ({_first_line(e)})") from e
-    if not record or record.get("kind") == "ids":
-        return None
-    kind = record.get("kind")
-    if kind == "char":
-        return CharTokenizer(record["chars"], eos=bool(record["eos"]))
-    if kind != "bpe":
-        raise CheckpointError(f"unknown tokenizer kind {kind!r} in the checkpoint's tokenizer record")
-    local = Path(root) / TOKENIZER_NAME if root is not None else None
-    spec = str(local) if local is not None and local.is_file() else record["name"]
-    try:
-        tok = load_tokenizer(spec, eos_token=record.get("eos_token", DEFAULT_EOS_TOKEN))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's tokenizer {spec!r} could not be loaded ({e}); "
-                              "pass tokenizer=<local tokenizer directory or tokenizer.json>") from e
-    if tok.vocab_size != record["vocab_size"]:
-        raise CheckpointError(f"tokenizer {spec!r} has {tok.vocab_size} ids, the checkpoint was trained with "
-                              f"{record['vocab_size']}")
-    if tok.fingerprint != record.get("fingerprint"):
-        log.warning("tokenizer %r differs in its serialisation from the one recorded at training time "
-                    "(same vocabulary size %d)", spec, tok.vocab_size)
-    return tok
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -144,7 +87,7 @@ def load_weights_only(path: str | os.PathLike, map_location: Any = "cpu") -> Any
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle with code in it, not a torch file at all
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {_first_line(e)})") from e
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {first_line(e)})") from e
 
 
 def _read_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -159,17 +102,18 @@ def _read_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         cfg = json.loads(cfg_path.read_text())
     except Exception as e:
-        raise CheckpointError(f"{cfg_path}: cannot parse the config ({_first_line(e)})") from e
+        raise CheckpointError(f"{cfg_path}: cannot parse the config ({first_line(e)})") from e
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointError(f"{cfg_path}: expected a mapping with a 'model' section")
     try:
         state = load_file(str(weights))
     except Exception as e:
-        raise CheckpointError(f"{weights}: cannot read the weights ({type(e).__name__}: {_first_line(e)})") from e
+        raise CheckpointError(f"{weights}: cannot read the weights ({type(e).__name__}: {first_line(e)})") from e
     return cfg, state
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (colour codes removed, at most 300 characters)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch colours parts of its weights-only message
     return (text.strip().splitlines() or [""])[0][:300]
 
@@ -216,36 +160,6 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
     for alias, name in aliases.items():
         full.setdefault(alias, full[name])
     model.load_state_dict(full, strict=True)
-
-
-def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu", tokenizer: Any = None,
-               load_tokenizer: bool = True) -> tuple[LMHeadModel, dict, Any]:
-    """Load a model for evaluation or generation.
-
-    Args:
-        path: a ``.ckpt`` from ``train.py`` or an exported directory.
-        device: where the model goes.
-        tokenizer: optional tokenizer spec (as ``dataset.tokenizer``) to use instead of the recorded one.
-        load_tokenizer: ``False`` skips rebuilding the tokenizer (returns ``None``).
-
-    Returns:
-        ``(model, cfg, tokenizer)``: the LM in eval mode; the plain config (``model`` and, when
-        recorded, ``dataset`` and ``tokenizer``); a :class:`~serengeti.data.tokenizers.BPETokenizer` /
-        :class:`~serengeti.data.tokenizers.CharTokenizer`, or ``None`` when the checkpoint records no
-        text tokenizer (synthetic tasks: token ids are the interface).
-    """
-    cfg, state = read_checkpoint(path)
-    try:
-        model = build_model(dict(cfg["model"]))
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot build the model from its config ({_first_line(e)})") from e
-    load_weights(model, state, path)
-    model.to(device).eval()
-    tok = None
-    if load_tokenizer:
-        root = path if Path(path).is_dir() else None
-        tok = tokenizer_from_record(cfg.get("tokenizer"), root, override=tokenizer)
-    return model, cfg, tok
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -302,16 +216,13 @@ def export_contents(model: torch.nn.Module, cfg: Mapping, tokenizer: Any = None)
     ``config.json`` keeps ``format``/``version``/``model``/``dataset``/``tokenizer`` (what
     :func:`read_checkpoint` reads) and adds the keys ``transformers`` reads (``model_type``
     ``"serengeti"``, ``architectures``, ``vocab_size``, ``eos_token_id``; :mod:`serengeti.models.hf`).
-    ``tokenizer.json`` + ``tokenizer_config.json`` (for ``AutoTokenizer``) are written for a BPE
-    ``tokenizer`` or a recorded character vocabulary.
+    ``tokenizer.json`` + ``tokenizer_config.json`` (for ``AutoTokenizer``) are the tokenizer's own
+    ``transformers_files`` (:mod:`serengeti.data.tokenizers`; this module knows no tokenizer class):
+    pass the BPE tokenizer, or the character vocabulary of the record
+    (:func:`serengeti.data.tokenizers.recorded_tokenizer` gives either).
     """
-    from serengeti.data.tokenizers import CharTokenizer, transformers_tokenizer_files
-
     aliases = _tied_aliases(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
-    record = cfg.get("tokenizer") or {}
-    if tokenizer is None and record.get("kind") == "char":
-        tokenizer = tokenizer_from_record(record)
     config = {"format": "serengeti", "version": FORMAT_VERSION,
               **{k: cfg[k] for k in ("model", "dataset", "tokenizer") if cfg.get(k) is not None},
               "model_type": HF_MODEL_TYPE, "architectures": [HF_ARCHITECTURE],
@@ -320,8 +231,8 @@ def export_contents(model: torch.nn.Module, cfg: Mapping, tokenizer: Any = None)
     if tokenizer is not None and hasattr(tokenizer, "eos_id"):
         if tokenizer.eos_id is not None:
             config["eos_token_id"] = int(tokenizer.eos_id)
-        if isinstance(tokenizer, CharTokenizer) or getattr(tokenizer, "backend", None) is not None:
-            texts = transformers_tokenizer_files(tokenizer, getattr(model, "max_seq_len", None))
+        if callable(getattr(tokenizer, "transformers_files", None)):
+            texts = tokenizer.transformers_files(getattr(model, "max_seq_len", None))
     texts[CONFIG_NAME] = json.dumps(config, indent=2, sort_keys=True) + "\n"
     return tensors, texts
 
@@ -421,30 +332,3 @@ def _apply_umask(root: Path) -> None:
     os.umask(umask)
     for p in (root, *root.iterdir()):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def recorded_tokenizer(cfg: Mapping, root: str | os.PathLike | None = None) -> Any:
-    """The BPE tokenizer a config records (``root``: the export holding ``tokenizer.json``), or ``None``.
-
-    ``None`` too, with a warning, when it cannot be loaded here; char and id records need no file
-    beside the weights and also give ``None``.
-    """
-    if (cfg.get("tokenizer") or {}).get("kind") != "bpe":
-        return None
-    try:
-        return tokenizer_from_record(cfg["tokenizer"], root)
-    except CheckpointError as e:
-        log.warning("export without tokenizer.json: %s", e)
-        return None
-
-
-def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """``.ckpt`` (or exported directory) -> safetensors directory ``out``; returns ``out``.
-
-    The tokenizer is copied in when it can be loaded; if not, a warning is logged and the record
-    alone is kept (loading the export then needs the tokenizer where it was at training time).
-    """
-    check_export_target(out, overwrite=overwrite, inputs={"ckpt": ckpt})  # before any work
-    model, cfg, _ = load_model(ckpt, load_tokenizer=False)
-    tok = recorded_tokenizer(cfg, ckpt if Path(ckpt).is_dir() else None)
-    return save_pretrained(model, cfg, out, tokenizer=tok, overwrite=overwrite, inputs={"ckpt": ckpt})

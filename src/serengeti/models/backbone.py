@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serengeti.data.tokenizers import recorded_tokenizer
+from serengeti.errors import CheckpointError
+from serengeti.io.checkpoint import first_line, load_weights, read_checkpoint, save_pretrained
 from serengeti.mixers.attention import Attention
 from serengeti.ops.init import lecun_normal_
 from serengeti.ops.short_conv import ShortConv
@@ -310,19 +313,27 @@ class LMHeadModel(nn.Module):
         state.offset += 1
         return self.lm_head(self.ln_f(h + residual))
 
-    # Hugging Face-style loading; serengeti.io.checkpoint reads (config checked first) and writes
+    # Hugging Face-style loading: serengeti.io.checkpoint reads and writes the files (config checked first)
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LMHeadModel:
         """Load an exported directory (``model.safetensors`` + ``config.json``) or a ``.ckpt`` from ``train.py``.
 
-        Uses :func:`serengeti.io.checkpoint.load_model`: no pickled code runs and the config is checked
-        against the registered mixers before anything is built. The model is in eval mode; its
-        config (``model`` and, when recorded, ``dataset`` and ``tokenizer``) is ``pretrained_config``.
-        The tokenizer: :func:`serengeti.load_tokenizer`.
-        """
-        from serengeti.io.checkpoint import load_model
+        No pickled code runs (:func:`serengeti.io.checkpoint.read_checkpoint`) and the config is
+        checked against the registered mixers before anything is built (:func:`build_model`). The
+        model is in eval mode; its config (``model`` and, when recorded, ``dataset`` and
+        ``tokenizer``) is ``pretrained_config``. The tokenizer: :func:`serengeti.load_tokenizer`.
 
-        model, cfg, _ = load_model(path, device=device, load_tokenizer=False)
+        Raises:
+            CheckpointError: naming ``path``, for a missing or unreadable file, a config that
+                cannot be built, or weights that do not match it.
+        """
+        cfg, state = read_checkpoint(path)
+        try:
+            model = build_model(dict(cfg["model"]))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot build the model from its config ({first_line(e)})") from e
+        load_weights(model, state, path)
+        model.to(device).eval()
         model.pretrained_config, model.pretrained_path = cfg, str(path)
         return model
 
@@ -337,8 +348,6 @@ class LMHeadModel(nn.Module):
                 loaded checkpoint recorded (char vocabularies live in ``config.json``).
             overwrite: replace an existing ``out`` (atomically, see :func:`serengeti.io.checkpoint.save_pretrained`).
         """
-        from serengeti.io.checkpoint import recorded_tokenizer, save_pretrained
-
         config = config if config is not None else getattr(self, "pretrained_config", None)
         if config is None:
             raise ValueError("save_pretrained needs config={'model': <model config>, ...}: "

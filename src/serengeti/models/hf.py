@@ -11,7 +11,7 @@
     out = model.generate(**tok("The meaning of life is", return_tensors="pt"), max_new_tokens=32)
 
 The model wraps the backbone (:class:`~serengeti.models.backbone.LMHeadModel`); no mixer is implemented
-twice. Loading goes through :func:`serengeti.io.checkpoint.load_model`: weights from safetensors (or a
+twice. Loading goes through :func:`serengeti.models.pretrained.load_model`: weights from safetensors (or a
 weights-only ``.ckpt``), the stored config checked before anything is built, no code from the folder
 (``trust_remote_code`` is never needed and is ignored; a config naming code, ``auto_map``, is refused).
 
@@ -82,7 +82,7 @@ class SerengetiConfig(PreTrainedConfig):
 
     @property
     def serengeti_config(self) -> dict:
-        """``{"model": ..., "dataset": ..., "tokenizer": ...}`` as :func:`serengeti.io.checkpoint.load_model` returns it."""
+        """``{"model": ..., "dataset": ..., "tokenizer": ...}`` as :func:`serengeti.models.pretrained.load_model` returns it."""
         return {k: getattr(self, k) for k in ("model", "dataset", "tokenizer") if getattr(self, k) is not None}
 
     @classmethod
@@ -266,7 +266,7 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
                         **kwargs: Any) -> SerengetiForCausalLM:
         """Load an export (new or older, without ``model_type``) or a ``.ckpt`` from ``train.py``.
 
-        Reads through :func:`serengeti.io.checkpoint.load_model` (safetensors / weights-only, the
+        Reads through :func:`serengeti.models.pretrained.load_model` (safetensors / weights-only, the
         stored config checked before anything is built). ``dtype``/``torch_dtype``: ``None`` or
         ``"auto"`` keeps the stored float32, or a floating dtype (``torch.bfloat16``, ``"float16"``,
         ...); ``device_map``: ``None``, one device (``"cpu"``, ``"cuda:0"``, ``"auto"`` = the GPU when
@@ -274,7 +274,7 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
         need other formats (``gguf_file``, ``quantization_config``) and non-local paths.
         ``trust_remote_code`` is ignored: nothing from the folder is ever run.
         """
-        from serengeti.io.checkpoint import load_model
+        from serengeti.models.pretrained import load_model
 
         if model_args:
             raise ValueError("SerengetiForCausalLM.from_pretrained takes no positional model arguments")
@@ -306,7 +306,8 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
         tokenizer files come from ``tokenizer`` (a serengeti tokenizer), else from the folder this
         model was loaded from or its character vocabulary (see :func:`serengeti.io.checkpoint.export_contents`).
         """
-        from serengeti.io.checkpoint import recorded_tokenizer, save_into
+        from serengeti.data.tokenizers import recorded_tokenizer
+        from serengeti.io.checkpoint import save_into
 
         if kwargs:
             raise ValueError(f"save_pretrained: option {next(iter(kwargs))!r} is not supported by serengeti models")

@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from serengeti import config_resolvers  # noqa: F401  (registers ${serengeti.*} resolvers)
+from serengeti.data.tokenizers import tokenizer_record
 from serengeti.errors import CheckpointError, ConfigError, UnsafeConfigError
-from serengeti.io.checkpoint import tokenizer_record
 from serengeti.io.run_record import FAILED, process_cpu_seconds, write_run_record
 from serengeti.mixers.base import StateError
 from serengeti.models.generation import state_size
