@@ -8,7 +8,8 @@ import torch
 
 from serengeti.mixers import Attention
 from serengeti.models.backbone import LMHeadModel
-from serengeti.training.optim import build_optimizer, build_scheduler, param_groups, set_optim
+from serengeti.ops.init import set_optim
+from serengeti.training.optim import build_optimizer, build_scheduler, param_groups
 
 
 def model_with_tags():

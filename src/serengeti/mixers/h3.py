@@ -29,7 +29,7 @@ from serengeti.ops.gated_fftconv import gated_fftconv
 from serengeti.ops.ssm_kernel import (
     bilinear, fir_conv, power_tables, shift_kernel, vandermonde_kernel, vandermonde_state,
 )
-from serengeti.training.optim import set_optim
+from serengeti.ops.init import set_optim
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torch import nn
 from serengeti.mixers.base import Mixer
 from serengeti.ops.conv_history import ConvHistory
 from serengeti.ops.gated_fftconv import gated_fftconv
-from serengeti.training.optim import set_optim
+from serengeti.ops.init import set_optim
 
 SMOOTHING = (None, "ma", "freq")
 

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from serengeti.mixers.base import Mixer, StateError
-from serengeti.ops.init import lecun_normal_
+from serengeti.ops.init import lecun_normal_, set_optim
 from serengeti.ops.scan import SCAN_METHODS, linear_scan
 from serengeti.ops.ssm_kernel import bilinear
-from serengeti.training.optim import set_optim
 
 C_INITS = ("complex_normal", "trunc_standard_normal", "lecun_normal")
 DISCRETIZATIONS = ("zoh", "bilinear")

@@ -1,4 +1,5 @@
-"""Weight initializers shared by the backbone and the mixers."""
+"""Weight initializers shared by the backbone and the mixers, and the optimizer tag a mixer puts on a
+parameter that trains with its own learning rate or weight decay (read by :mod:`serengeti.training.optim`)."""
 from __future__ import annotations
 
 import math
@@ -14,3 +15,19 @@ def lecun_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
     final std is exactly 1/sqrt(fan_in). Returns ``weight``."""
     std = 1.0 / math.sqrt(fan_in) / _TRUNC_STD
     return nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+def set_optim(param: torch.nn.Parameter, *, lr: float | None = None, weight_decay: float | None = None) -> torch.nn.Parameter:
+    """Tag ``param`` with its own lr and/or weight decay and return it."""
+    opt = {}
+    if lr is not None:
+        opt["lr"] = float(lr)
+    if weight_decay is not None:
+        opt["weight_decay"] = float(weight_decay)
+    param._optim = opt
+    return param
+
+
+def optim_tag(param: torch.nn.Parameter) -> dict[str, float]:
+    """The ``lr`` / ``weight_decay`` that :func:`set_optim` gave ``param`` (empty when untagged)."""
+    return getattr(param, "_optim", {})

@@ -1,8 +1,7 @@
-"""Per-parameter optimizer tags, parameter groups, the AdamW builder and learning-rate schedules
-(stepped per optimizer step).
+"""Parameter groups, the AdamW builder and learning-rate schedules (stepped per optimizer step).
 
-A parameter tagged where it is created with ``set_optim(p, lr=..., weight_decay=...)`` carries
-``p._optim = {"lr": ..., "weight_decay": ...}``; :func:`param_groups` puts every distinct tag in its
+A parameter tagged where it is created with :func:`serengeti.ops.init.set_optim` (``lr=...``,
+``weight_decay=...``) carries its own settings; :func:`param_groups` puts every distinct tag in its
 own AdamW group. ``lr=None`` keeps the base learning rate.
 """
 from __future__ import annotations
@@ -16,19 +15,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from serengeti.ops.init import optim_tag
+
 WEIGHT_DECAY_POLICIES = ("reference", "standard", "matrices")
 DEFAULT_WEIGHT_DECAY_POLICY = "reference"  # the papers' code: every parameter decays unless tagged
-
-
-def set_optim(param: torch.nn.Parameter, *, lr: float | None = None, weight_decay: float | None = None) -> torch.nn.Parameter:
-    """Tag ``param`` with its own lr and/or weight decay and return it."""
-    opt = {}
-    if lr is not None:
-        opt["lr"] = float(lr)
-    if weight_decay is not None:
-        opt["weight_decay"] = float(weight_decay)
-    param._optim = opt
-    return param
 
 
 def _default_decays(model: nn.Module, policy: str) -> dict[int, bool]:
@@ -65,7 +55,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float, policy: st
             continue
         seen.add(id(p))
         settings = {"lr": lr, "weight_decay": weight_decay if decays[id(p)] else 0.0}
-        settings.update(getattr(p, "_optim", {}))
+        settings.update(optim_tag(p))
         key = tuple(sorted(settings.items()))
         group = groups.setdefault(key, {"params": [], "names": [], **settings})
         group["params"].append(p)
