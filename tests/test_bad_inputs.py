@@ -17,7 +17,7 @@ import serengeti.training.run  # noqa: F401  (registers the config resolvers the
 from conftest import ROOT, compose_cfg, compose_eval_cfg, tiny_overrides
 from serengeti.data.sources import DataFileError
 from serengeti.data.text import TextFiles, TinyShakespeare
-from serengeti.errors import ConfigError, EvalError
+from serengeti.errors import CheckpointError, ConfigError, EvalError
 from serengeti.evaluate.run import check_settings, run as evaluate
 from serengeti.training.config_checks import check_config
 
@@ -282,3 +282,31 @@ def test_evaluate_cli_bad_setting_is_one_line_and_leaves_no_run_dir(tmp_path):
                           tmp_path))
     assert line == "error: num_samples=0: expected an integer >= 1"
     assert not run_dir.exists()
+
+
+# -- checkpoint paths -------------------------------------------------------------------------
+
+def _resume_from(path: Path) -> None:
+    from serengeti.training.checkpoint_policy import SafeCheckpointIO, resolve_ckpt_path
+
+    SafeCheckpointIO().load_checkpoint(resolve_ckpt_path(str(path), path.parent))
+
+
+def _evaluate(path: Path) -> None:
+    from serengeti.io.checkpoint import read_checkpoint
+
+    read_checkpoint(path)
+
+
+@pytest.mark.parametrize("what,load,message", [
+    ("missing.ckpt", _resume_from, r"ckpt_path=.*missing.ckpt: no such checkpoint file \(give a .ckpt written by train.py"),
+    ("corrupt.ckpt", _resume_from, r"corrupt.ckpt: cannot read the checkpoint \("),
+    ("empty_dir", _evaluate, r"empty_dir: no model.safetensors in the directory"),
+    ("corrupt.ckpt", _evaluate, r"corrupt.ckpt: cannot read the checkpoint \("),
+])
+def test_missing_or_unreadable_checkpoints_name_the_file(tmp_path, what, load, message):
+    """``train.py ckpt_path=`` (resume) and ``evaluate.py ckpt=`` name the file in one line."""
+    (tmp_path / "corrupt.ckpt").write_bytes(b"PK\x03\x04 not a zip" * 10)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(CheckpointError, match=message):
+        load(tmp_path / what)
