@@ -51,6 +51,7 @@ class BPETokenizer:
     def transformers_files(self, model_max_length: int | None = None) -> dict[str, str]:
         """:func:`transformers_tokenizer_files` of this tokenizer (what an export writes for ``AutoTokenizer``)."""
         return transformers_tokenizer_files(self, model_max_length)
+
     def __init__(self, backend, name: str, eos_token: str = DEFAULT_EOS_TOKEN) -> None:
         self.backend = backend
         self.name = name
@@ -86,6 +87,7 @@ class CharTokenizer:
     def transformers_files(self, model_max_length: int | None = None) -> dict[str, str]:
         """:func:`transformers_tokenizer_files` of this tokenizer (what an export writes for ``AutoTokenizer``)."""
         return transformers_tokenizer_files(self, model_max_length)
+
     def __init__(self, chars: str, eos: bool = False) -> None:
         if not chars:
             raise ValueError("character tokenizer needs a non-empty alphabet (is the text empty?)")

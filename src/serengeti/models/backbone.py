@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serengeti.data.tokenizers import recorded_tokenizer
 from serengeti.errors import CheckpointError
 from serengeti.io.checkpoint import first_line, load_weights, read_checkpoint, save_pretrained
 from serengeti.mixers.attention import Attention
@@ -348,6 +347,10 @@ class LMHeadModel(nn.Module):
                 loaded checkpoint recorded (char vocabularies live in ``config.json``).
             overwrite: replace an existing ``out`` (atomically, see :func:`serengeti.io.checkpoint.save_pretrained`).
         """
+        # imported here: serengeti.data imports Lightning, which imports transformers, whose serengeti
+        # registration (serengeti.models.hf) imports this module
+        from serengeti.data.tokenizers import recorded_tokenizer
+
         config = config if config is not None else getattr(self, "pretrained_config", None)
         if config is None:
             raise ValueError("save_pretrained needs config={'model': <model config>, ...}: "
