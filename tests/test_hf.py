@@ -201,7 +201,7 @@ def test_a_checkpoint_from_training_round_trips(tmp_path):
     from test_pretrained import train_tiny
 
     from serengeti import load_tokenizer
-    from serengeti.io.checkpoint import export
+    from serengeti.models.pretrained import export
 
     _, ckpt, _ = train_tiny(tmp_path, "char")
     ref = LMHeadModel.from_pretrained(ckpt)
