@@ -98,7 +98,8 @@ print(json.dumps({"tokens": n, "peak_mb": resource.getrusage(resource.RUSAGE_SEL
 """
 
 
-def peak_rss_of_tokenizing(path: Path, tokenizer: str, cache: Path, limit_mb: int | None = None) -> dict:
+def peak_rss_of_tokenizing(path: Path, tokenizer: str, cache: Path, limit_mb: int | None = None,
+                           timeout_s: float = 900) -> dict:
     """Tokenize ``path`` (dataset=text_files) in a fresh process; its token count and peak RSS in MB.
     ``limit_mb``: an address-space limit (RLIMIT_AS) for the child; exceeding it fails the child."""
     def limit():
@@ -109,7 +110,7 @@ def peak_rss_of_tokenizing(path: Path, tokenizer: str, cache: Path, limit_mb: in
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", _PEAK, str(path), tokenizer, str(cache)], env=env, capture_output=True,
-                         text=True, timeout=900, preexec_fn=limit)
+                         text=True, timeout=timeout_s, preexec_fn=limit)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

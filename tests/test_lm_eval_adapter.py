@@ -356,3 +356,17 @@ def test_evaluate_py_lm_eval_errors_are_one_line(exported_with_tasks, tmp_path):
     with pytest.raises(SystemExit, match=r"^error: include_path=.*nowhere: not a directory"):
         evaluate_main(eval_cfg(["task=lm_eval", f"ckpt={export_dir}", f"include_path={tmp_path / 'nowhere'}",
                                 "tasks=[tiny_mc]", "device=cpu"], tmp_path))
+
+
+def test_cuda_device_falls_back_to_the_cpu_without_cuda(char_tok, monkeypatch, caplog):
+    """lm_eval's --device cuda on a CPU machine: the adapter scores on the CPU instead of crashing."""
+    pytest.importorskip("lm_eval")
+    import torch
+
+    from serengeti.training.accelerator import usable_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (usable_device(None), usable_device("auto"), usable_device("cpu")) == ("cpu", "cpu", "cpu")
+    assert usable_device("cuda:1") == "cpu" and "CUDA is not available here" in caplog.text
+    lm = lm_eval_adapter.SerengetiLM(model=tiny_lm("hyena", char_tok.vocab_size), tokenizer=char_tok, device="cuda")
+    assert lm.scorer.model_device.type == "cpu"

@@ -79,7 +79,7 @@ def test_size_tiny_turns_every_lm_recipe_into_a_cpu_run(experiment):
     check_config(cfg)
     assert cuda_problem(cfg.trainer) is None and cfg.trainer.precision == "32-true"
     assert (cfg.model.d_model, cfg.model.n_layer, cfg.dataset.seq_len, cfg.dataset.batch_size) == (96, 2, 128, 4)
-    assert cfg.trainer.max_steps == 100 and global_batch_plan(cfg) == {} and "final_overrides" not in cfg
+    assert cfg.trainer.max_steps == 60 and global_batch_plan(cfg) == {} and "final_overrides" not in cfg
     model, model_cfg = build_meta([f"experiment={experiment}", "size=tiny"] + [
         f"{k}={v}" for k, v in (("model.d_model", 96), ("model.n_layer", 2), ("model.d_inner", "null"))])
     assert sum(p.numel() for p in model.parameters()) < 6e6  # the 50K-token embedding is most of it

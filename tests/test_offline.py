@@ -99,7 +99,7 @@ def test_hub_tokenizer_name(spec, hub_name):
     assert hub_tokenizer_name(spec) == hub_name
 
 
-def test_evaluate_on_another_dataset_uses_the_exports_tokenizer(offline, monkeypatch, tmp_path):
+def test_evaluate_on_another_dataset_uses_the_exports_tokenizer(offline, monkeypatch, tmp_path, capsys):
     """An export trained with the hub's "gpt2" carries tokenizer.json: dataset=wikitext2 (whose config says
     tokenizer: gpt2) is scored with it, offline, without asking the hub."""
     import torch
@@ -123,3 +123,9 @@ def test_evaluate_on_another_dataset_uses_the_exports_tokenizer(offline, monkeyp
                                      "dataset.seq_len=32", "dataset.max_eval_tokens=256",
                                      f"paths.cache_dir={tmp_path / 'cache'}", "device=cpu"], tmp_path / "e"))
     assert res["test/loss"] == pytest.approx(float(torch.log(torch.tensor(50264.0))), rel=0.05)
+    # the record says what was measured, and the cap is announced
+    assert (res["seq_len"], res["tokens"], res["max_eval_tokens"]) == (32, 255, 256)
+    assert res["data"] == [str((WT_RAW / "wiki.test.raw").resolve())]
+    out = capsys.readouterr().out
+    assert "dataset.max_eval_tokens=256 (set for this evaluation): only the first 256 tokens of the test split" in out
+    assert "[serengeti] scored 255 tokens of the test split" in out and "tokenizer.json (the checkpoint's own" in out

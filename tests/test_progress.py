@@ -127,6 +127,7 @@ def test_train_under_nohup_prints_progress_lines_into_the_log(tmp_path):
     text = log.read_text()
     assert "[progress] train step 2/4 (50%) | loss " in text and "[progress] train step 4/4 (100%)" in text
     assert "[progress] test batch 4/4 (100%)" in text
+    assert "val/* and test/* score the same held-out examples" in text
 
 
 def test_cuda_problem_names_the_key_and_the_cpu_trainers(monkeypatch):

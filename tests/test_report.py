@@ -86,7 +86,8 @@ def test_state_column_when_runs_record_a_state_size(tmp_path):
 
 def test_mean_curve_over_seeds(fake_multirun):
     hyena10 = group_runs(find_runs([fake_multirun]), ["model.mixer._target_", "dataset.vocab_size"])[1]
-    assert mean_curve(hyena10.runs, "val/loss") == ([9, 19], [pytest.approx(4.0), pytest.approx(3.0)])
+    # CSV rows count from 0 during fit: the values logged after 10 and 20 steps
+    assert mean_curve(hyena10.runs, "val/loss") == ([10, 20], [pytest.approx(4.0), pytest.approx(3.0)])
 
 
 def test_bad_input_is_one_line(fake_multirun, tmp_path, capsys):
@@ -202,3 +203,21 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         atomic_write_text(target, '{"new": 2}')
     assert json.loads(target.read_text()) == {"old": 1}
     assert [p.name for p in tmp_path.iterdir()] == [RECORD_NAME]  # no temporary file left behind
+
+
+def test_curve_edges_file_name_refusal_legend_and_log_axis(fake_multirun, tmp_path):
+    from serengeti.report import _label, log_scale
+
+    written = report([fake_multirun], ["model.mixer._target_"], "test/accuracy", tmp_path / "out", curve="val/loss")
+    assert written["curves"].name == "val_loss_curves.png", "named after the curve, not --metric"
+    with pytest.raises(ReportError, match=r"^--curve val/accuracy: no run's CSV log has it"):
+        report([fake_multirun], [], "test/accuracy", tmp_path / "o2", curve="val/accuracy")
+    assert not (tmp_path / "o2").exists(), "refused before anything is written"
+    wandb_only = tmp_path / "wandb_only"
+    _fake_run(wandb_only / "0", "Hyena", 10, 1, 0.5)
+    (wandb_only / "0" / "wandb" / "offline-run-1").mkdir(parents=True)
+    with pytest.raises(ReportError, match=r"no run has a CSV log .*logged only to wandb.*logger=\[csv,wandb\]"):
+        report([wandb_only], [], "test/accuracy", tmp_path / "o3", curve="val/loss")
+    assert _label(["optimizer.lr", "model.mixer._target_"], (0.0005, "serengeti.mixers.Hyena")) == \
+        "optimizer.lr=5e-4, model.mixer._target_=Hyena"
+    assert log_scale([1e-4, 3e-4, 1e-2]) and not log_scale([10, 20]) and not log_scale(["a", "b"])

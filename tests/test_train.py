@@ -100,7 +100,7 @@ def test_loggers_write_into_the_run_dir(tmp_path, logger):
     assert files, f"logger={logger} wrote nothing under the run dir"
 
 
-def test_wandb_logger_is_offline_without_api_key(tmp_path, monkeypatch):
+def test_wandb_logger_is_offline_without_api_key(tmp_path, monkeypatch, capsys):
     from hydra.utils import instantiate
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -109,6 +109,15 @@ def test_wandb_logger_is_offline_without_api_key(tmp_path, monkeypatch):
     cfg = compose_cfg(["logger=wandb"], output_dir=tmp_path)
     logger = instantiate(cfg.logger.wandb)  # the run itself starts lazily, on the first log call
     assert logger._offline and os.environ["WANDB_MODE"] == "offline"
+    assert logger._wandb_init["name"].startswith("train")
+    assert f"wandb sync {tmp_path}/wandb/offline-run-*" in capsys.readouterr().out
+
+
+def test_wandb_run_name_says_which_run(tmp_path):
+    from serengeti.training.loggers import run_name
+
+    assert run_name("train", str(tmp_path / "2026-01-01_10-00-00")) == "train 2026-01-01_10-00-00"
+    assert run_name(None, None) == "serengeti"
 
 
 @pytest.mark.parametrize("override,expected", [

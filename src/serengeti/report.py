@@ -20,8 +20,11 @@ Writes into ``--out``:
 * ``NAME.md``: the table;
 * ``NAME.png`` (with ``--x KEY``): the metric's mean (± std bars) against ``KEY``, one line per
   group of the other ``--by`` keys;
-* ``NAME_curves.png`` (with ``--curve METRIC``): that metric against the step from each run's CSV
-  log (``csv/version_*/metrics.csv``), mean over the group's runs, one line per group.
+* ``CURVE_curves.png`` (with ``--curve CURVE``; ``NAME_curves.png`` when ``--name`` is given): that
+  metric against the optimizer step from each run's CSV log (``csv/version_*/metrics.csv``; a run
+  logged only to wandb has none: train with ``logger=[csv,wandb]``), mean over the group's runs, one
+  line per group. Legends name the keys (``optimizer.lr=5e-4``); an x axis of positive numbers
+  spanning 100x or more (a learning-rate sweep) is logarithmic.
 
 ``--where KEY=VALUE`` (repeatable) keeps only the runs whose config has that value at ``KEY`` (compared
 as text, e.g. ``--where dataset.vocab_size=20``).
@@ -224,14 +227,34 @@ def markdown_table(groups: Sequence[Group], by: Sequence[str], metric: str) -> s
 
 
 def read_curve(run_dir: Path, metric: str) -> dict[int, float]:
-    """``{step: value}`` of ``metric`` from the run's CSV logs (later versions override earlier)."""
+    """``{step: value}`` of ``metric`` from the run's CSV logs (later versions override earlier).
+
+    The step is the number of optimizer steps done when the value was logged: Lightning's CSV rows
+    from training and validation count from 0 (the value after 10 steps has ``step`` 9), so they get
+    1 added; test rows already carry the step count.
+    """
     points: dict[int, float] = {}
+    shift = 0 if metric.startswith("test/") else 1
     for path in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
                 if row.get(metric) not in (None, "") and row.get("step") not in (None, ""):
-                    points[int(float(row["step"]))] = float(row[metric])
+                    points[int(float(row["step"])) + shift] = float(row[metric])
     return points
+
+
+def check_curve(runs: Sequence[Run], metric: str) -> None:
+    """Refuse ``--curve METRIC`` in one line when no run has it in a CSV log (an empty plot otherwise)."""
+    if any(read_curve(r.path, metric) for r in runs if not r.failed):
+        return
+    with_csv = [r for r in runs if any((r.path / "csv").glob("version_*/metrics.csv"))]
+    if with_csv:
+        raise ReportError(f"--curve {metric}: no run's CSV log has it (csv/version_*/metrics.csv under "
+                          f"{with_csv[0].path})")
+    wandb_only = any((r.path / "wandb").is_dir() for r in runs)
+    raise ReportError(f"--curve {metric}: no run has a CSV log (csv/version_*/metrics.csv)"
+                      + ("; these runs logged only to wandb, whose files the report does not read: train with "
+                         "logger=[csv,wandb]" if wandb_only else "; train with logger=csv (the default) or logger=[csv,wandb]"))
 
 
 def mean_curve(runs: Sequence[Run], metric: str) -> tuple[list[int], list[float]]:
@@ -254,7 +277,26 @@ def _pyplot():
 
 
 def _label(by: Sequence[str], key: tuple) -> str:
-    return ", ".join(show(k, v) for k, v in zip(by, key)) or "all runs"
+    """A legend entry: ``optimizer.lr=5e-4, model.n_layer=2`` (keys named, numbers short)."""
+    return ", ".join(f"{k}={_short(v) if isinstance(v, float) else show(k, v)}" for k, v in zip(by, key)) or "all runs"
+
+
+def _short(x: float) -> str:
+    """``0.0005`` -> ``5e-4``, ``0.25`` -> ``0.25``, ``1e6`` -> ``1e6``."""
+    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e5):
+        mantissa, exponent = f"{x:.3g}".split("e") if "e" in f"{x:.3g}" else (f"{x:.3g}", "0")
+        if exponent == "0":
+            mantissa, exponent = f"{x:.2e}".split("e")
+            mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{x:.4g}"
+
+
+def log_scale(values: Sequence[Any]) -> bool:
+    """Whether an axis of these x values reads better logarithmic: positive numbers spanning 100x or more
+    (a learning-rate sweep)."""
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return len(nums) == len(values) > 1 and min(nums) > 0 and max(nums) / min(nums) >= 100
 
 
 def plot_metric(runs: Sequence[Run], rest: Sequence[str], metric: str, x: str, out: Path,
@@ -274,6 +316,8 @@ def plot_metric(runs: Sequence[Run], rest: Sequence[str], metric: str, x: str, o
                     label=f"{_label(rest, g.key)} (n={n})")
         if not numeric:
             ax.set_xticks(range(len(xs)), [show(x, v) for v in xs], rotation=25, ha="right", fontsize=8)
+    if log_scale([p.key[0] for p in group_runs(runs, [x])]):
+        ax.set_xscale("log")
     ax.set_xlabel(x)
     _finish(fig, ax, metric, ref, out)
 
@@ -314,9 +358,12 @@ def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str
         raise ReportError(f"--metric {metric!r} is in no run's metrics.json (they have: {', '.join(known)})")
     if x is not None and x not in by:
         by = [*by, x]
+    if curve is not None:
+        check_curve(runs, curve)  # before anything is written
     groups = group_runs(runs, by)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    explicit_name = name is not None
     name = name or metric.replace("/", "_")
     written = {"table": out / f"{name}.md"}
     written["table"].write_text(markdown_table(groups, by, metric))
@@ -324,7 +371,7 @@ def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str
         written["plot"] = out / f"{name}.png"
         plot_metric(runs, [k for k in by if k != x], metric, x, written["plot"], ref)
     if curve is not None:
-        written["curves"] = out / f"{name}_curves.png"
+        written["curves"] = out / f"{name if explicit_name else curve.replace('/', '_')}_curves.png"
         plot_curves(groups, by, curve, written["curves"], ref if curve == metric else None)
     return written
 

@@ -43,6 +43,9 @@ class SyntheticDataModule(pl.LightningDataModule):
     (scoring only: evaluate.py at another length than training, docs/evaluate.md).
     """
 
+    #: validation and test score the same held-out examples (train.py says so next to its final metrics)
+    val_is_test = True
+
     def __init__(self, task: str = "associative_recall", vocab_size: int = 10, seq_len: int = 64,
                  num_examples: int = 5000, num_test_examples: int = 500, batch_size: int = 32,
                  num_workers: int = 0, data_seed: int = 0, seed: int = 0, num_kv_pairs: int = 8,

@@ -123,6 +123,11 @@ class LMDataModule(pl.LightningDataModule):
                                  tokenizer_cached(name)))
         check_hub_needs(needs)
 
+    @property
+    def val_is_test(self) -> bool:
+        """Whether the validation and test roles read the same split (train.py says so with its metrics)."""
+        return self.roles["val"] is not None and self.roles["val"] == self.roles["test"]
+
     # -- tokenizer -------------------------------------------------------------------------
     def _make_tokenizer(self, spec, eos_token: str):
         if spec == "char":

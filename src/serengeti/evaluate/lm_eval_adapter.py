@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from serengeti.models.generation import stream
+from serengeti.training.accelerator import usable_device
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,8 @@ if _lm_eval_available():
                 (:func:`serengeti.models.pretrained.load_model`).
             model, tokenizer: an already loaded LM and tokenizer (``tokenizer`` may also be a
                 tokenizer spec for ``pretrained``: a ``tokenizer.json`` or a local GPT-2 directory).
-            device: default CUDA when available, else CPU.
+            device: default CUDA when available, else CPU; a CUDA device on a machine without CUDA (lm_eval's
+                ``--device cuda``) falls back to the CPU with a warning (:func:`serengeti.training.accelerator.usable_device`).
             batch_size, max_length, max_gen_toks, prefix_token_id: see :class:`LMScorer`.
         """
 
@@ -314,10 +316,9 @@ if _lm_eval_available():
                     raise ValueError("the serengeti lm_eval model needs pretrained=<checkpoint path> or model=<LMHeadModel>")
                 from serengeti.models.pretrained import load_model
 
-                device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-                model, _, tokenizer = load_model(pretrained, device=device, tokenizer=tokenizer)
+                model, _, tokenizer = load_model(pretrained, device=usable_device(device), tokenizer=tokenizer)
             elif device is not None:
-                model = model.to(device)
+                model = model.to(usable_device(device))
             batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
             self.scorer = LMScorer(model, tokenizer, batch_size=batch_size, max_length=max_length and int(max_length),
                                    max_gen_toks=int(max_gen_toks), prefix_token_id=prefix_token_id)

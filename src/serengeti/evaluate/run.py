@@ -232,6 +232,34 @@ def _with_model_tokenizer(dataset_cfg: dict, path: str, ckpt_cfg: dict, override
     return {**dataset_cfg, "tokenizer": spec}
 
 
+def announce_eval_cap(cfg: DictConfig, dataset_cfg: dict) -> None:
+    """Say when only a prefix of the split is scored (``dataset.max_eval_tokens``), and whether the cap came
+    with the checkpoint's recorded dataset rather than from this command."""
+    cap = dataset_cfg.get("max_eval_tokens")
+    if cap is None:
+        return
+    given = cfg.get("dataset") is not None and "max_eval_tokens" in cfg.dataset
+    origin = "set for this evaluation" if given else "recorded with the checkpoint's dataset"
+    print(f"[serengeti] dataset.max_eval_tokens={cap} ({origin}): only the first {cap:,} tokens of the {cfg.split} "
+          "split are scored; +dataset.max_eval_tokens=null scores all of it")
+
+
+def scored_data(datamodule, split: str) -> dict:
+    """``{"tokens": targets scored, "data": [files or hub dataset]}`` of a language-modeling datamodule's
+    ``split`` (``val``/``test``); empty for synthetic tasks (their size is in their config)."""
+    tokens = getattr(datamodule, "tokens", {})
+    if not isinstance(tokens, dict) or split not in tokens:
+        return {}
+    source, name = datamodule.source, datamodule.roles[split]
+    if hasattr(source, "files"):
+        data = [str(f) for f in source.files(name)]
+    elif hasattr(source, "hf_name"):
+        data = [f"hf:{source.hf_name}" + (f"/{source.hf_config}" if source.hf_config else "") + f":{name}"]
+    else:
+        data = [str(getattr(source, "path", source.name))]
+    return {"tokens": len(tokens[split]) - 1, "data": data}  # every target after the first token, once
+
+
 def task_evaluate(cfg: DictConfig) -> dict:
     """Loss, perplexity and accuracy on ``split`` of the dataset (:func:`scoring_dataset`: the checkpoint's,
     optionally at another ``seq_len``, unless ``dataset=`` is given), and with ``position_buckets`` the loss
@@ -240,12 +268,18 @@ def task_evaluate(cfg: DictConfig) -> dict:
     model, ckpt_cfg, _ = load_model(path, load_tokenizer=False)
     dataset_cfg = _with_model_tokenizer(scoring_dataset(cfg, ckpt_cfg, path), path, ckpt_cfg, cfg.get("tokenizer"))
     start = time.time()
+    announce_eval_cap(cfg, dataset_cfg)
     datamodule = build_datamodule(dataset_cfg, cfg.get("batch_size"))
     metrics = evaluate_model(model, ckpt_cfg, datamodule, split=cfg.split, device=_device(cfg),
                              precision=str(cfg.precision), position_buckets=cfg.get("position_buckets"))
+    scored = scored_data(datamodule, str(cfg.split))
     result = {"ckpt": path, "dataset": dataset_cfg.get("_target_"), "split": cfg.split,
-              "seq_len": dataset_cfg.get("seq_len"), **metrics, "wall_s": time.time() - start,
+              "seq_len": dataset_cfg.get("seq_len"), **scored, "max_eval_tokens": dataset_cfg.get("max_eval_tokens"),
+              **metrics, "wall_s": time.time() - start,
               "metrics": dict(metrics), "n_params": sum(p.numel() for p in model.parameters())}
+    if scored.get("tokens") is not None:
+        print(f"[serengeti] scored {scored['tokens']:,} tokens of the {cfg.split} split ({', '.join(scored['data'])}) "
+              f"at seq_len {dataset_cfg.get('seq_len')}")
     name = str(dataset_cfg.get("_target_")).rsplit(".", 1)[-1]
     _print_table(f"{Path(path).name} on {name} (seq_len {dataset_cfg.get('seq_len')}, {cfg.split})", metrics)
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.paths.output_dir) / "metrics.json"

@@ -123,6 +123,9 @@ def run(cfg: DictConfig, state: dict | None = None) -> dict[str, float]:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/")))
         log.info("final metrics: %s", summary)
         print(f"[serengeti] {summary} | steps={trainer.global_step} | wall={metrics['time/fit_and_test_s']:.1f}s")
+        if cfg.get("test_after_fit", True) and getattr(datamodule, "val_is_test", False):
+            print("[serengeti] val/* and test/* score the same held-out examples: val/* at the last validation "
+                  "during training, test/* with the final weights")
     return metrics
 
 
