@@ -15,7 +15,7 @@ from omegaconf import DictConfig  # noqa: E402
 def main(cfg: DictConfig) -> float | None:
     from serengeti.training.run import main as run_main
 
-    threads_from_config(cfg)  # torch threads: cfg.threads, or chosen from d_model x tokens per step
+    threads_from_config(cfg)  # torch threads: cfg.threads, or chosen from tokens x d_model^2 per step
     return run_main(cfg)
 
 

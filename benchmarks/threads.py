@@ -9,7 +9,7 @@ A case is a set of ``train.yaml`` overrides. Its LM is built as training builds 
 (``dataset.batch_size`` × ``dataset.seq_len``), and one timed step is forward, cross-entropy,
 backward and an AdamW step. The thread counts of a case alternate step by step
 (``torch.set_num_threads`` between steps), so load changes on a shared machine hit each count alike;
-each entry is the median over repeats. Printed per case: the work ``d_model × tokens per step`` that
+each entry is the median over repeats. Printed per case: the work ``tokens per step × d_model²`` that
 :func:`serengeti.runtime.auto_threads` decides from, its choice, the times and the ratios, with the
 machine's load average.
 """
@@ -90,7 +90,7 @@ def main() -> None:
                 times[t].append(time_step(model, opt, tokens))
         med = {t: statistics.median(v) for t, v in times.items()}
         best = min(med.values())
-        print(f"{' '.join([name] + args.extra)}: d_model × tokens = {work:,} -> automatic {auto} thread(s); "
+        print(f"{' '.join([name] + args.extra)}: tokens × d_model² = {work:,} -> automatic {auto} thread(s); "
               + ", ".join(f"{t} thread(s) {1e3 * med[t]:.1f} ms" for t in counts)
               + f"; automatic / faster = {med[auto] / best:.2f}; 1 / {cpus} threads = {med[1] / med[cpus]:.2f} "
               f"(median of {args.repeats}, interleaved) ({load()})", flush=True)

@@ -132,8 +132,9 @@ def test_automatic_threads_follow_the_work_per_step(monkeypatch):
     assert auto_threads(2 * WORK_PER_THREAD, 4) == 2 and auto_threads(100 * WORK_PER_THREAD, 4) == 4
     assert auto_threads(100 * WORK_PER_THREAD, 1) == 1
     cfg = compose_cfg([])  # the default run: d_model 64, batch 32 x 64 tokens
-    assert step_work(cfg) == 64 * 32 * 64 < WORK_PER_THREAD
-    assert step_work(compose_cfg(["model.d_model=768", "dataset.seq_len=1024", "dataset.batch_size=8"])) == 768 * 8 * 1024
+    assert step_work(cfg) == 32 * 64 * 64**2 < WORK_PER_THREAD
+    big = compose_cfg(["model.d_model=768", "dataset.seq_len=1024", "dataset.batch_size=8"])
+    assert step_work(big) == 8 * 1024 * 768**2 and auto_threads(step_work(big), 2) == 2
     assert step_work({"threads": None}) is None
     n = torch.get_num_threads()
     try:

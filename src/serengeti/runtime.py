@@ -34,18 +34,20 @@ def _omp_num_threads() -> int | None:
     return n if n >= 1 else None
 
 
-#: d_model × tokens per step from which a second intra-op thread pays for its synchronisation
-#: (benchmarks/threads.py, experiments.md "Threads"); each further thread needs as much again.
-WORK_PER_THREAD = 400_000
+#: Multiply-adds of one d_model × d_model projection over a step's tokens (tokens × d_model²) per
+#: intra-op thread: a second thread pays for its synchronisation from twice this (measured with
+#: benchmarks/threads.py on 2 cores: 1 thread faster at d_model 64 × 2,048 tokens (8.4M) and
+#: 128 × 768 (12.6M), 2 threads faster at 768 × 256 (151M) and 768 × 2,048 (1.2G)).
+WORK_PER_THREAD = 32_000_000
 
 
 def auto_threads(work: int | None, cpus: int | None = None) -> int:
-    """Intra-op threads for a step of ``work`` = d_model × tokens per step: 1 below
-    :data:`WORK_PER_THREAD`, then one more per multiple of it, at most ``cpus`` (default
-    :func:`available_cpus`). ``None`` (work unknown) = all CPUs.
+    """Intra-op threads for a step of ``work`` = tokens × d_model² multiply-adds (:func:`step_work`):
+    one per :data:`WORK_PER_THREAD`, at least 1, at most ``cpus`` (default :func:`available_cpus`).
+    ``None`` (work unknown) = all CPUs.
 
     Small models spend a step in many small ops, where every parallel region costs a barrier and
-    a second thread only adds waiting (the default run: d_model 64, 2,048 tokens).
+    a second thread only adds waiting (the default run: d_model 64, 2,048 tokens per step).
     """
     cpus = cpus or available_cpus()
     if work is None:
@@ -54,9 +56,11 @@ def auto_threads(work: int | None, cpus: int | None = None) -> int:
 
 
 def step_work(cfg) -> int | None:
-    """``model.d_model × dataset.batch_size × dataset.seq_len`` of a composed config; None when a key is missing."""
+    """``dataset.batch_size × dataset.seq_len × model.d_model²`` of a composed config (the multiply-adds
+    of one width-square projection over a step's tokens); None when a key is missing."""
     try:
-        return int(cfg.model.d_model) * int(cfg.dataset.batch_size) * int(cfg.dataset.seq_len)
+        d = int(cfg.model.d_model)
+        return int(cfg.dataset.batch_size) * int(cfg.dataset.seq_len) * d * d
     except (AttributeError, KeyError, TypeError, ValueError):  # no model/dataset section, or a null value
         return None
 
@@ -68,7 +72,7 @@ def set_threads(threads: int | None, key: str = "threads", work: int | None = No
     Raises ``ValueError`` naming ``key`` unless ``threads`` is None or an integer >= 1.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"{key}={threads!r}: expected an integer >= 1 or null (= chosen from d_model × tokens per step)")
+        raise ValueError(f"{key}={threads!r}: expected an integer >= 1 or null (= chosen from tokens × d_model² per step)")
     import torch
 
     n = threads or _omp_num_threads() or auto_threads(work)
