@@ -75,7 +75,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/mixers.py
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mixers import BUILDERS  # noqa: E402  (the mixers of experiments.md section 4.1, same settings)
+from mixers import BUILDERS, time_fwd_bwd  # noqa: E402  (the mixers of experiments.md section 4.1, same settings)
 
 from serengeti.ops.fftconv import fast_fft_size  # noqa: E402
 from serengeti.ops.ssm_kernel import FIR_FFT_MAX_ROWS  # noqa: E402
@@ -324,15 +324,6 @@ def step_work(model: torch.nn.Module, C: int) -> Work:
 # measurements
 
 
-def time_train(mixer, x, g) -> float:
-    """Seconds of one forward + backward."""
-    mixer.zero_grad(set_to_none=True)
-    x.grad = None
-    t0 = time.perf_counter()
-    mixer(x).backward(g)
-    return time.perf_counter() - t0
-
-
 @dataclass
 class Timed:
     """A hot path's timings: seconds per call and the :class:`Probe` factors taken before each."""
@@ -365,7 +356,7 @@ def measure_training(names: list[str], lengths: list[int], *, d_model: int, repe
                 out[name, L] = Timed(work, [], [])
                 print(f"[train] {name} L={L}: skipped (--attention-max-len {args.attention_max_len})", flush=True)
                 continue
-            t = time_train(m, x, g)  # warm-up, also the estimate for the skip rule
+            t = time_fwd_bwd(m, x, g)  # warm-up, also the estimate for the skip rule
             if t * repeats > max_seconds:
                 out[name, L] = Timed(work, [], [])
                 print(f"[train] {name} L={L}: skipped, one call took {t:.1f} s ({load()})", flush=True)
@@ -375,7 +366,7 @@ def measure_training(names: list[str], lengths: list[int], *, d_model: int, repe
         for _ in range(repeats):
             for n, m in mixers.items():
                 out[n, L].factors.append(probe.factors())
-                out[n, L].times.append(time_train(m, x, g))
+                out[n, L].times.append(time_fwd_bwd(m, x, g))
         for n in mixers:
             print(f"[train] {n} L={L}: {1e3 * out[n, L].median:.1f} ms (median of {repeats}) ({load()})", flush=True)
     return out
@@ -460,7 +451,7 @@ def plot(rows: list[dict], c: Ceilings, threads: int, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     bw = c.triad[threads]
-    xs = [10 ** (e / 10) for e in range(-30, 41)]
+    xs = [10 ** (e / 10) for e in range(-10, 41)]
     ax.plot(xs, [min(c.matmul[threads], x * bw) / 1e9 for x in xs], "k-", label=f"matmul {c.matmul[threads] / 1e9:.0f} GFLOP/s, triad {bw / 1e9:.1f} GB/s")
     for n, f in sorted(c.fft.items()):
         ax.plot(xs, [min(f, x * bw) / 1e9 for x in xs], ":", lw=1, label=f"FFT n={n}: {f / 1e9:.1f} GFLOP/s")
