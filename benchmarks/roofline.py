@@ -169,7 +169,7 @@ class Probe:
 
 
 def measure_ceilings(fft_sizes: list[int], threads: int, repeats: int, *, matmul_n: int = 1024,
-                     stream_mib: int = 64) -> Ceilings:
+                     stream_mib: int = 64, min_time: float = 0.2) -> Ceilings:
     """Matmul and stream bandwidth at 1 and ``available_cpus()`` threads, FFT at ``threads``."""
     counts = sorted({1, available_cpus()})
     a = torch.randn(matmul_n, matmul_n)
@@ -180,16 +180,16 @@ def measure_ceilings(fft_sizes: list[int], threads: int, repeats: int, *, matmul
     matmul, copy, triad = {}, {}, {}
     for t in counts:
         torch.set_num_threads(t)
-        matmul[t] = _median_rate(lambda: torch.mm(a, b, out=out), 2.0 * matmul_n**3, repeats)
-        copy[t] = _median_rate(lambda: z.copy_(x), 8.0 * N, repeats)
-        triad[t] = _median_rate(lambda: torch.add(x, y, alpha=3.0, out=z), 12.0 * N, repeats)
+        matmul[t] = _median_rate(lambda: torch.mm(a, b, out=out), 2.0 * matmul_n**3, repeats, min_time)
+        copy[t] = _median_rate(lambda: z.copy_(x), 8.0 * N, repeats, min_time)
+        triad[t] = _median_rate(lambda: torch.add(x, y, alpha=3.0, out=z), 12.0 * N, repeats, min_time)
         print(f"[ceiling] threads {t}: matmul {matmul[t] / 1e9:.1f} GFLOP/s, copy {copy[t] / 1e9:.1f} GB/s, "
               f"triad {triad[t] / 1e9:.1f} GB/s  ({load()})", flush=True)
     torch.set_num_threads(threads)
     fft = {}
     for n in fft_sizes:
         u = torch.randn(FFT_ROWS, n)
-        fft[n] = _median_rate(lambda: torch.fft.irfft(torch.fft.rfft(u, n=n), n=n), 2 * fft_flops(n, FFT_ROWS), repeats)
+        fft[n] = _median_rate(lambda: torch.fft.irfft(torch.fft.rfft(u, n=n), n=n), 2 * fft_flops(n, FFT_ROWS), repeats, min_time)
         print(f"[ceiling] threads {threads}: rfft+irfft (256, {n}): {fft[n] / 1e9:.1f} GFLOP/s  ({load()})", flush=True)
     return Ceilings(matmul, copy, triad, fft, threads)
 
@@ -491,6 +491,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--attention-max-len", type=int, default=8192, help="attention training cells above this are skipped")
     p.add_argument("--max-seconds", type=float, default=120.0, help="skip a training cell whose repeats would take longer")
     p.add_argument("--stream-mib", type=int, default=64)
+    p.add_argument("--matmul-n", type=int, default=1024, help="size of the square matmul ceiling")
+    p.add_argument("--min-time", type=float, default=0.2, help="seconds per ceiling timing (calls repeated to fill it)")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--skip-generation", action="store_true")
     p.add_argument("--plot", type=Path, default=None, help="write the roofline plot here (png)")
@@ -499,7 +501,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"torch {torch.__version__}, {available_cpus()} CPUs, hot paths at {args.threads} thread(s), fp32, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} ({load()})", flush=True)
     fft_sizes = sorted({fast_fft_size(2 * L) for L in args.lengths})
-    first = measure_ceilings(fft_sizes, args.threads, args.repeats, stream_mib=args.stream_mib)
+    first = measure_ceilings(fft_sizes, args.threads, args.repeats, stream_mib=args.stream_mib, matmul_n=args.matmul_n,
+                             min_time=args.min_time)
     torch.set_num_threads(args.threads)
     probe = Probe()
     probe.reference(args.repeats)
@@ -511,7 +514,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         gen = measure_generation(args.gen_models, args.vocabs, context=args.context, steps=args.steps,
                                  repeats=args.repeats, d_model=args.d_model, n_layer=args.n_layer, probe=probe)
     print("ceilings again, after the hot paths:", flush=True)
-    c = first.best(measure_ceilings(fft_sizes, args.threads, args.repeats, stream_mib=args.stream_mib))
+    c = first.best(measure_ceilings(fft_sizes, args.threads, args.repeats, stream_mib=args.stream_mib, matmul_n=args.matmul_n,
+                             min_time=args.min_time))
     torch.set_num_threads(args.threads)
     rows = (table(train, c, first, args.threads, lambda k: f"train {k[0]} L={k[1]}")
             + table(gen, c, first, args.threads, lambda k: f"step {k[0]} V={k[1]} C={args.context}"))

@@ -93,7 +93,7 @@ def test_bound_picks_the_binding_ceiling():
 def test_script_prints_a_table_and_plot(tmp_path, capsys):
     rows = roofline.main(["--lengths", "128", "--mixers", "hyena", "attention", "--gen-models", "hyena_s5",
                           "--vocabs", "64", "--context", "16", "--steps", "2", "--repeats", "1", "--d-model", "32",
-                          "--n-layer", "1", "--stream-mib", "1", "--plot", str(tmp_path / "r.png")])
+                          "--n-layer", "1", "--stream-mib", "1", "--matmul-n", "128", "--min-time", "0.01", "--plot", str(tmp_path / "r.png")])
     out = capsys.readouterr().out
     assert "| train hyena L=128 |" in out and "| step hyena_s5 V=64 C=16 |" in out and "load " in out
     assert len(rows) == 3 and all(r["fraction"] > 0 and math.isfinite(r["fraction"]) for r in rows)
