@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,13 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from huggingface_hub.dataclasses import strict
 
+# only light modules at import time: this module is imported when transformers is (serengeti/__init__.py),
+# which may happen while a serengeti module is half-imported (e.g. Lightning imports transformers)
 from serengeti.errors import CheckpointError
 from serengeti.io.checkpoint import CONFIG_NAME, HF_ARCHITECTURE, HF_MODEL_TYPE
-from serengeti.models.generation import check_memory
-from serengeti.models.backbone import GenerationState, LMHeadModel, build_model
+
+if TYPE_CHECKING:
+    from serengeti.models.backbone import GenerationState, LMHeadModel
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +173,8 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
             if not config.model:
                 raise CheckpointError("SerengetiConfig.model is empty: load a folder with "
                                       "AutoModelForCausalLM.from_pretrained(DIR) or pass model={...}")
+            from serengeti.models.backbone import build_model
+
             backbone = build_model(dict(config.model))
         self.backbone = backbone
         self.post_init()
@@ -225,6 +230,8 @@ class SerengetiForCausalLM(PreTrainedModel, GenerationMixin):
         if cache.state is None:
             (batch, prompt_len), device = input_ids.shape, backbone.word_embeddings.weight.device
             max_len = cache.max_len or backbone.max_seq_len or prompt_len + DEFAULT_CACHE_LEN
+            from serengeti.models.generation import check_memory
+
             check_memory(backbone, batch, prompt_len, max(max_len - prompt_len + 1, 1), device)
             cache.state = backbone.allocate_state(batch, max_len=max_len)
         if cache.state.offset == 0:
