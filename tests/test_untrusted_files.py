@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
+from conftest import ROOT, compose_cfg
 from serengeti.errors import CheckpointError
 from serengeti.io.checkpoint import save_pretrained
 from serengeti.models.pretrained import load_model
@@ -79,3 +81,48 @@ def test_custom_tokenizer_through_evaluate_and_an_export(tmp_path, flag, termina
             load_model(out, **kwargs)
         assert "\n" not in str(info.value) and ("custom code" in str(info.value) or "tokenizer" in str(info.value))
     assert terminal == []
+
+
+# -- sizes in a stored config are checked against the weights before anything is allocated -----------
+
+def _export_with(tmp_path: Path, name: str, **model_edits) -> Path:
+    cfg = OmegaConf.to_container(compose_cfg(["model.vocab_size=10", "model.l_max=16"]).model, resolve=True)
+    out = save_pretrained(build_model(cfg), {"model": cfg}, tmp_path / name)
+    config = json.loads((out / "config.json").read_text())
+    for key, value in model_edits.items():
+        target = config["model"]
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("edit,expected", [
+    ({"vocab_size": 16_000_000}, r"first mismatching key 'word_embeddings.weight': shape \(10, 64\) in the checkpoint, "
+                                 r"\(16000000, 64\) in the model"),
+    ({"n_layer": 100_000}, r"model.n_layer=100000 in its config, but its weights hold 2 layers"),
+    ({"d_model": 1_000_000}, r"first mismatching key 'word_embeddings.weight'"),
+    ({"mixer.num_inner_mlps": 1_000_000}, r"its config describes more tensors than the \d+ its weights hold"),
+    ({"l_max": 10**9}, r"'layers.0.mixer.filter_fn.pos_emb.z': shape \(1, 16, 3\) in the checkpoint"),
+])
+def test_stored_sizes_must_match_the_weights(tmp_path, edit, expected):
+    out = _export_with(tmp_path, "e", **edit)
+    with pytest.raises(CheckpointError, match=f"^{out}: .*{expected}") as info:
+        load_model(out)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch
+def test_refusing_huge_stored_sizes_stays_small_in_memory(tmp_path):
+    script = ("import resource, sys\nfrom serengeti.checkpoint import CheckpointError, load_model\n"
+              "try:\n    load_model(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    for edit in ({"vocab_size": 16_000_000}, {"n_layer": 100_000}):
+        out = _export_with(tmp_path, next(iter(edit)), **edit)
+        res = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+        lines = res.stdout.strip().splitlines()
+        assert len(lines) == 2 and lines[0].startswith(f"{out}: "), res.stdout + res.stderr
+        assert int(lines[1]) < 1_000_000, f"peak RSS {int(lines[1]) / 1e6:.2f} GB refusing {edit}"  # ru_maxrss: KB

@@ -125,7 +125,8 @@ def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     for name, t in model.state_dict(keep_vars=True).items():
         if t.numel() == 0:
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        storage = id(t) if t.is_meta else t.untyped_storage().data_ptr()  # meta tensors have no address
+        key = (storage, t.storage_offset(), tuple(t.shape), tuple(t.stride()))
         if key in seen:
             aliases[name] = seen[key]
         else:
@@ -133,14 +134,10 @@ def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
-def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error.
-
-    Tied entries (``lm_head.weight`` = ``word_embeddings.weight``) may be absent from ``state``.
-
-    Raises:
-        CheckpointError: naming ``source`` and the first mismatching key (in the model's order).
-    """
+def check_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` and the first (in the model's order) missing,
+    unexpected or mis-shaped entry of ``state``; tied entries may be absent. ``model`` may be on the
+    meta device: only shapes are compared."""
     expected = model.state_dict()
     aliases = _tied_aliases(model)
     problems = []
@@ -156,8 +153,19 @@ def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], sour
         more = f" ({len(problems) - 1} more mismatching keys)" if len(problems) > 1 else ""
         raise CheckpointError(f"{source}: weights do not match the model built from its config: "
                               f"first mismatching key {key!r}: {why}{more}")
+
+
+def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error.
+
+    Tied entries (``lm_head.weight`` = ``word_embeddings.weight``) may be absent from ``state``.
+
+    Raises:
+        CheckpointError: naming ``source`` and the first mismatching key (in the model's order).
+    """
+    check_weights(model, state, source)
     full = dict(state)
-    for alias, name in aliases.items():
+    for alias, name in _tied_aliases(model).items():
         full.setdefault(alias, full[name])
     model.load_state_dict(full, strict=True)
 

@@ -11,19 +11,22 @@ and after the last block ``h = LN_f(dropout(h) + residual)``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.nn.modules.module as nn_module
 from torch import nn
 
 from serengeti.errors import CheckpointError
-from serengeti.io.checkpoint import first_line, load_weights, read_checkpoint, save_pretrained
+from serengeti.io.checkpoint import check_weights, first_line, load_weights, read_checkpoint, save_pretrained
 from serengeti.mixers.attention import Attention
 from serengeti.ops.init import lecun_normal_
 from serengeti.ops.short_conv import ShortConv
@@ -318,7 +321,8 @@ class LMHeadModel(nn.Module):
         """Load an exported directory (``model.safetensors`` + ``config.json``) or a ``.ckpt`` from ``train.py``.
 
         No pickled code runs (:func:`serengeti.io.checkpoint.read_checkpoint`) and the config is
-        checked against the registered mixers before anything is built (:func:`build_model`). The
+        checked against the registered mixers and the weights' shapes before anything is allocated
+        (:func:`build_checked`). The
         model is in eval mode; its config (``model`` and, when recorded, ``dataset`` and
         ``tokenizer``) is ``pretrained_config``. The tokenizer: :func:`serengeti.load_tokenizer`.
 
@@ -327,11 +331,7 @@ class LMHeadModel(nn.Module):
                 cannot be built, or weights that do not match it.
         """
         cfg, state = read_checkpoint(path)
-        try:
-            model = build_model(dict(cfg["model"]))
-        except Exception as e:
-            raise CheckpointError(f"{path}: cannot build the model from its config ({first_line(e)})") from e
-        load_weights(model, state, path)
+        model = build_checked(cfg["model"], state, path)
         model.to(device).eval()
         model.pretrained_config, model.pretrained_path = cfg, str(path)
         return model
@@ -408,6 +408,62 @@ def build_model(model_cfg: dict[str, Any], **overrides: Any) -> LMHeadModel:
     if isinstance(cfg.get("attn_cfg"), dict):
         check_options(Attention, cfg["attn_cfg"], "model.attn_cfg", exclude=_MIXER_CALL_ARGS)
     return LMHeadModel(mixer=mixer, **{**cfg, **overrides})
+
+
+def build_checked(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                  source: str | os.PathLike) -> LMHeadModel:
+    """The model a stored config describes, with ``state`` loaded, after checking the config against
+    the weights' shapes.
+
+    A stored config's sizes are not trusted: ``n_layer`` must be the number of layers in the weights,
+    and the model is first built on the meta device (no memory), stopped once it registers more
+    parameters and buffers than the weights hold, and compared shape by shape. Only then is it allocated.
+
+    Raises:
+        CheckpointError: naming ``source`` and the first key that disagrees.
+    """
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
+    n_layer = model_cfg.get("n_layer")
+    if layers and n_layer != max(layers) + 1:
+        raise CheckpointError(f"{source}: model.n_layer={n_layer!r} in its config, but its weights hold "
+                              f"{max(layers) + 1} layers")
+    with torch.device("meta"):  # no memory: the shapes are checked before the real build allocates
+        check_weights(_build_bounded(model_cfg, state, source), state, source)
+    model = _build_bounded(model_cfg, state, source)
+    load_weights(model, state, source)
+    return model
+
+
+def _build_bounded(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str | os.PathLike):
+    try:
+        with _at_most_registered(state, source):
+            return build_model(dict(model_cfg))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{source}: cannot build the model from its config ({first_line(e)})") from e
+
+
+@contextlib.contextmanager
+def _at_most_registered(state: Mapping[str, torch.Tensor], source: str | os.PathLike, slack: int = 64):
+    """Stop a model build that registers ``slack`` more parameters and buffers than ``state`` holds (a
+    config describing far more than its weights: too many layers, filters or heads) before it takes minutes."""
+    count = 0
+
+    def hook(module, name, value):
+        nonlocal count
+        count += 1
+        if count > len(state) + slack:
+            raise CheckpointError(f"{source}: its config describes more tensors than the {len(state)} its weights "
+                                  f"hold (stopped building at {type(module).__name__}.{name})")
+
+    handles = [nn_module.register_module_parameter_registration_hook(hook),
+               nn_module.register_module_buffer_registration_hook(hook)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02) -> None:
