@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_cfg
@@ -126,3 +127,83 @@ def test_refusing_huge_stored_sizes_stays_small_in_memory(tmp_path):
         lines = res.stdout.strip().splitlines()
         assert len(lines) == 2 and lines[0].startswith(f"{out}: "), res.stdout + res.stderr
         assert int(lines[1]) < 1_000_000, f"peak RSS {int(lines[1]) / 1e6:.2f} GB refusing {edit}"  # ru_maxrss: KB
+
+
+# -- zip-bomb checkpoints are refused before anything is inflated -------------------------------------
+
+_CHUNK = 1 << 24  # 16 MiB of zeros per repeated deflate block
+
+
+def zip_bomb(path: Path, inflated_gib: float) -> Path:
+    """A ``.ckpt`` (torch's zip layout, a valid pickle) whose weights member is deflated zeros that
+    inflate to ``inflated_gib`` GiB: a few kilobytes of file per gigabyte.
+
+    The deflate stream is one byte-aligned, history-free block (``Z_FULL_FLUSH``) of 16 MiB of
+    zeros repeated, then an empty final block, so a 10 GiB bomb is written in seconds.
+    """
+    import io
+    import zipfile
+    import zlib
+
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"model.w": torch.zeros(4)}, "hyper_parameters": {"cfg": {"model": {}}}}, buf)
+    block = (lambda c: c.compress(bytes(_CHUNK)) + c.flush(zlib.Z_FULL_FLUSH))(zlib.compressobj(9, zlib.DEFLATED, -15))
+
+    class Repeat:  # stands in for zipfile's compressor: every 16 MiB of zeros becomes the same block
+        def compress(self, data):
+            return block
+
+        def flush(self):
+            return b"\x03\x00"
+
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            if not info.filename.endswith("/data/0"):
+                dst.writestr(info, src.read(info))
+                continue
+            big = zipfile.ZipInfo(info.filename)
+            big.compress_type = zipfile.ZIP_DEFLATED
+            real = zipfile._get_compressor
+            zipfile._get_compressor = lambda *a, **k: Repeat()
+            try:
+                with dst.open(big, "w", force_zip64=True) as f:
+                    zeros = bytes(_CHUNK)
+                    for _ in range(int(inflated_gib * (1 << 30)) // _CHUNK):
+                        f.write(zeros)
+            finally:
+                zipfile._get_compressor = real
+    return path
+
+
+def test_zip_bomb_checkpoints_are_refused_before_inflating(tmp_path, monkeypatch):
+    from serengeti.checkpointing import SafeCheckpointIO
+    from serengeti.convert import ConversionError, load_reference_state
+
+    bomb = zip_bomb(tmp_path / "bomb.ckpt", 0.25)
+    assert bomb.stat().st_size < 300_000  # deflate tops out near 1:1000
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load was reached")
+
+    monkeypatch.setattr("serengeti.checkpoint.torch.load", no_load)
+    expected = rf"^{bomb}: its zip members would inflate to 268\.4 MB from a 0\.\d MB file"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(bomb)  # evaluate.py ckpt= / task=export
+    with pytest.raises(ConversionError, match=expected):
+        load_reference_state(bomb)  # python -m serengeti.convert
+    with pytest.raises(CheckpointError, match=expected):
+        SafeCheckpointIO().load_checkpoint(bomb)  # train.py ckpt_path=
+
+
+@pytest.mark.slow  # writes a 10 MB bomb (10 GiB inflated) and runs a fresh interpreter
+def test_refusing_a_10mb_zip_bomb_stays_small_in_memory(tmp_path):
+    bomb = zip_bomb(tmp_path / "bomb.ckpt", 10)
+    assert 9e6 < bomb.stat().st_size < 12e6
+    script = ("import resource, sys\nfrom serengeti.checkpoint import CheckpointError, load_model\n"
+              "try:\n    load_model(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(bomb)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2 and "would inflate to 10737.4 MB" in lines[0], res.stdout + res.stderr
+    assert int(lines[1]) < 1_000_000, f"peak RSS {int(lines[1]) / 1e6:.2f} GB refusing the bomb"

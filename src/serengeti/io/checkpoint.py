@@ -84,10 +84,39 @@ def load_weights_only(path: str | os.PathLike, map_location: Any = "cpu") -> Any
     Raises:
         CheckpointError: naming the file, for a truncated or foreign file or one carrying code.
     """
+    check_inflation(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle with code in it, not a torch file at all
         raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {first_line(e)})") from e
+
+
+#: a .ckpt may declare at most this many bytes beyond its own size (torch.save stores members uncompressed)
+INFLATION_SLACK = 1 << 20
+
+
+def check_inflation(path: str | os.PathLike) -> None:
+    """Refuse a zip-format checkpoint whose members would inflate to more than the file itself holds.
+
+    ``torch.save`` writes its zip members uncompressed, so what they declare adds up to about the
+    file's size; a deflated member (a zip bomb: megabytes that inflate to gigabytes) is refused from
+    the zip's central directory alone, before ``torch.load`` inflates anything. Legacy (non-zip)
+    files are left to ``torch.load``.
+
+    Raises:
+        CheckpointError: naming the file, the declared and the actual size.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            declared = sum(info.file_size for info in zf.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip (or unreadable): torch.load says what is wrong with it
+    size = os.path.getsize(path)
+    if declared > size + INFLATION_SLACK:
+        raise CheckpointError(f"{path}: its zip members would inflate to {declared / 1e6:.1f} MB from a "
+                              f"{size / 1e6:.1f} MB file (compressed members; torch.save writes none); not loaded")
 
 
 def _read_export(root: Path) -> tuple[dict, dict[str, torch.Tensor]]:
