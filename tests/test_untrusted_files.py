@@ -207,3 +207,93 @@ def test_refusing_a_10mb_zip_bomb_stays_small_in_memory(tmp_path):
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 2 and "would inflate to 10737.4 MB" in lines[0], res.stdout + res.stderr
     assert int(lines[1]) < 1_000_000, f"peak RSS {int(lines[1]) / 1e6:.2f} GB refusing the bomb"
+
+
+# -- an export's recorded dataset names no place: data, caches and hub ids come from the command line -------
+
+def _word_tokenizer():
+    """A 10-id tokenizer (``tokenizers`` WordLevel) standing in for a BPE one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from serengeti.data.tokenizers import BPETokenizer
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<|endoftext|>", "a", "b", "c", "d", "e", "f", "g", "h"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return BPETokenizer(backend, "words")
+
+
+def _hostile_export(tmp_path: Path, *, with_tokenizer: bool) -> tuple[Path, Path]:
+    """An export whose recorded dataset reads a 'system file', caches to a foreign folder under
+    ``../../escaped`` and names a hub tokenizer; returns (export, system file)."""
+    system = tmp_path / "system_file"
+    system.write_text("root:x:0:0\n" * 50)
+    cfg = OmegaConf.to_container(compose_cfg(["model.vocab_size=10", "model.l_max=16"]).model, resolve=True)
+    dataset = {"_target_": "serengeti.data.lm.TextFiles", "train": str(system), "validation": str(system),
+               "name": "../../escaped", "tokenizer": "someone/tok", "cache_dir": str(tmp_path / "foreign_cache"),
+               "seq_len": 8, "batch_size": 2}
+    tok = _word_tokenizer()
+    record = {"kind": "bpe", "name": "someone/tok", "eos_token": "<|endoftext|>", "vocab_size": 10,
+              "fingerprint": tok.fingerprint}
+    out = save_pretrained(build_model(cfg), {"model": cfg, "dataset": dataset, "tokenizer": record},
+                          tmp_path / "export", tokenizer=tok if with_tokenizer else None)
+    return out, system
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the hub was contacted")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", refuse)
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_an_exports_recorded_places_are_not_used(tmp_path, no_hub):
+    from conftest import compose_eval_cfg
+    from serengeti.evaluate import EvalError
+    from serengeti.evaluate.run import run as evaluate
+
+    out, system = _hostile_export(tmp_path, with_tokenizer=False)
+    before = _files(tmp_path)
+    with pytest.raises(EvalError) as info:
+        evaluate(compose_eval_cfg([f"ckpt={out}"], tmp_path / "ev"))
+    assert str(info.value) == (f"{out} is an export, whose recorded places are not used (dataset.tokenizer, "
+                               "dataset.train, dataset.validation): give them on the command line "
+                               "(+dataset.tokenizer=...) or pass dataset=<name>")
+    with pytest.raises(CheckpointError, match=r"has no tokenizer.json \(the tokenizer it records, 'someone/tok', is not "
+                                              r"looked up from an export\): pass tokenizer="):
+        evaluate(compose_eval_cfg(["task=generate", f"ckpt={out}", "prompt=a"], tmp_path / "g"))
+    assert _files(tmp_path) - before <= {"ev", "g"}, "nothing was written outside the run dirs"
+
+
+def test_an_export_scores_on_the_users_data_and_cache(tmp_path, no_hub):
+    from conftest import compose_eval_cfg
+    from serengeti.evaluate.run import run as evaluate
+
+    out, _ = _hostile_export(tmp_path, with_tokenizer=True)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a b c d e f g h\n" * 40)
+    cache = tmp_path / "my_cache"
+    res = evaluate(compose_eval_cfg([f"ckpt={out}", f"+dataset.train={mine}", f"+dataset.validation={mine}",
+                                     f"paths.cache_dir={cache}"], tmp_path / "ev"))
+    assert res["val/loss"] > 0
+    assert {p.name for p in cache.iterdir()} == {"text_files"}, "the datamodule's own cache folder, under the user's cache"
+    assert not (tmp_path / "foreign_cache").exists() and not list(tmp_path.parent.glob("escaped*"))
+
+
+def test_cache_names_stay_inside_the_cache(tmp_path):
+    from serengeti.data.lm import TextFiles
+    from serengeti.data.token_cache import cache_paths
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello\n")
+    for name in ("../../x", "/etc", ".hidden", "a/b", ""):
+        with pytest.raises(ValueError, match=r"^dataset.name=.*: expected a plain name for the token cache"):
+            TextFiles(train=str(text), name=name, tokenizer="char", seq_len=4, batch_size=1, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^dataset split='../v'"):
+        cache_paths(tmp_path, "ok", "../v", {})
+    assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]

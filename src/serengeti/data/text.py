@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from serengeti.data.hub import HubNeed, check_hub_needs, dataset_cached, tokenizer_cached
 from serengeti.data.samplers import seeded_loader
 from serengeti.data.sources import HFDataset, LocalFiles, read_text_file
-from serengeti.data.token_cache import TokenArray, build_locked, cache_paths, ensure_tokens, read_cache, write_tokens
+from serengeti.data.token_cache import (TokenArray, build_locked, cache_paths, check_cache_name, ensure_tokens, read_cache,
+                                        write_tokens)
 from serengeti.data.tokenizers import CharTokenizer, DEFAULT_EOS_TOKEN, hub_tokenizer_name, load_tokenizer
 from serengeti.data.windows import (
     EvalSampler,
@@ -89,6 +90,7 @@ class LMDataModule(pl.LightningDataModule):
         if eval_stride is not None and not 1 <= eval_stride <= seq_len:
             raise ValueError(f"dataset.eval_stride={eval_stride} must be in [1, dataset.seq_len={seq_len}]")
         self.source = source
+        check_cache_name(source.name)  # the cache folder: never outside cache_dir
         self._check_hub(tokenizer)  # offline: fail in seconds, naming dataset.path / dataset.tokenizer
         self.seq_len = self.l_max = int(seq_len)
         self.batch_size, self.batch_size_eval = int(batch_size), int(batch_size_eval or batch_size)

@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -74,9 +75,18 @@ class CachePaths:
         return self.meta.with_suffix(".lock")
 
 
+def check_cache_name(name: str, key: str = "dataset.name") -> str:
+    """``name`` if it is one plain file name (letters, digits, ``-``, ``_``, ``.``; not starting with a dot),
+    so that a cache never lands outside ``cache_dir``; else ``ValueError`` naming ``key``."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name):
+        raise ValueError(f"{key}={name!r}: expected a plain name for the token cache "
+                         "(letters, digits, '-', '_', '.'; no '/' and no leading '.')")
+    return name
+
+
 def cache_paths(cache_dir: str | os.PathLike, dataset: str, split: str, spec: dict) -> CachePaths:
-    root = Path(cache_dir).expanduser() / dataset
-    stem = f"{split}-{spec_key(spec)}"
+    root = Path(cache_dir).expanduser() / check_cache_name(dataset)
+    stem = f"{check_cache_name(split, 'dataset split')}-{spec_key(spec)}"
     return CachePaths(root / f"{stem}.bin", root / f"{stem}.json")
 
 

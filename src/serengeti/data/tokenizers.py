@@ -313,7 +313,8 @@ def tokenizer_from_record(record: Mapping | None, root: str | os.PathLike | None
 
     Args:
         record: from :func:`tokenizer_record`.
-        root: an exported directory; its ``tokenizer.json`` is preferred for BPE records.
+        root: an exported directory; a BPE record is read from its ``tokenizer.json`` only (the record's
+            ``name``, a path or hub id, is used for ``.ckpt`` files of one's own training runs).
         override: a ``dataset.tokenizer``-style spec to load instead (e.g. a local GPT-2 directory).
     """
     if override is not None:
@@ -329,8 +330,10 @@ def tokenizer_from_record(record: Mapping | None, root: str | os.PathLike | None
         return CharTokenizer(record["chars"], eos=bool(record["eos"]))
     if kind != "bpe":
         raise CheckpointError(f"unknown tokenizer kind {kind!r} in the checkpoint's tokenizer record")
-    local = Path(root) / TOKENIZER_NAME if root is not None else None
-    spec = str(local) if local is not None and local.is_file() else record["name"]
+    if root is not None and not (Path(root) / TOKENIZER_NAME).is_file():  # an export names no place outside itself
+        raise CheckpointError(f"{root} has no {TOKENIZER_NAME} (the tokenizer it records, {record.get('name')!r}, is not "
+                              "looked up from an export): pass tokenizer=<local tokenizer directory or tokenizer.json>")
+    spec = str(Path(root) / TOKENIZER_NAME) if root is not None else record["name"]
     try:
         tok = load_tokenizer(spec, eos_token=record.get("eos_token", DEFAULT_EOS_TOKEN))
     except (OSError, ValueError) as e:

@@ -179,6 +179,41 @@ def _only_split(dataset_cfg: dict, split: str) -> dict:
     return {**dataset_cfg, **{key: None for role, key in _ROLE_KEYS.items() if role != split and key in dataset_cfg}}
 
 
+#: string settings of a recorded dataset that name no place; every other string (or list or mapping holding
+#: one) may name a file, a folder, a cache or a hub id
+PLACELESS_KEYS = frozenset({"_target_", "eos_token", "text_field", "train_split", "val_split", "test_split", "task",
+                            "train_targets"})
+
+
+def _names_a_place(key: str, value: Any) -> bool:
+    if key in PLACELESS_KEYS or (key == "tokenizer" and value == "char"):
+        return False
+    if isinstance(value, (list, tuple)):
+        return any(_names_a_place("", v) for v in value)
+    return isinstance(value, (str, dict))
+
+
+def _placeless(recorded: dict, given: dict, root: Path, cache_dir: str) -> dict:
+    """An export's recorded dataset without the places it names: they come from the command line.
+
+    The cache goes under the user's ``paths.cache_dir`` (with the datamodule's own folder name), a BPE
+    tokenizer is the export's ``tokenizer.json``; data files, folders and hub ids must be given as
+    ``+dataset.<key>=...``, else :class:`EvalError` names the keys.
+    """
+    kept = {k: v for k, v in recorded.items() if not _names_a_place(k, v)}
+    dropped = [k for k, v in recorded.items() if _names_a_place(k, v) and k not in given]
+    if "cache_dir" in recorded:
+        kept["cache_dir"] = cache_dir
+    if "tokenizer" in dropped and (root / TOKENIZER_NAME).is_file():
+        kept["tokenizer"] = str(root / TOKENIZER_NAME)
+    missing = [k for k in dropped if k not in kept and k != "name"]
+    if missing:
+        keys = ", ".join(f"dataset.{k}" for k in missing)
+        raise EvalError(f"{root} is an export, whose recorded places are not used ({keys}): give them on the command "
+                        f"line (+dataset.{missing[0]}=...) or pass dataset=<name>")
+    return kept
+
+
 def scoring_dataset(cfg: DictConfig, ckpt_cfg: dict, path: str) -> dict:
     """The plain dataset config to score on.
 
@@ -194,6 +229,8 @@ def scoring_dataset(cfg: DictConfig, ckpt_cfg: dict, path: str) -> dict:
     if "_target_" in given:
         dataset_cfg = given
     elif recorded is not None:
+        if Path(path).is_dir():  # an export may come from anyone: its recorded places are not used
+            recorded = _placeless(recorded, given, Path(path), str(cfg.paths.cache_dir))
         dataset_cfg = {**recorded, **given}
     else:
         raise EvalError(f"{path} records no dataset: pass dataset=<name> (one of configs/dataset/)")
