@@ -81,7 +81,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(str(args.data / "gpt2"))
+    hf = AutoTokenizer.from_pretrained(str(args.data / "gpt2"), trust_remote_code=False)
     base, base_cpu = [], []
     for _ in range(args.repeats):
         t0, c0 = time.perf_counter(), time.process_time()

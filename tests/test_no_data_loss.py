@@ -238,3 +238,26 @@ def test_save_pretrained_refuses_an_input(tmp_path):
     out = save_pretrained(model, {"model": _model_cfg()}, tmp_path / "e")
     with pytest.raises(CheckpointError, match="would overwrite the input tokenizer="):
         save_pretrained(model, {"model": _model_cfg()}, out, overwrite=True, inputs={"tokenizer": out / "config.json"})
+
+
+def test_run_dirs_removes_only_what_it_saw_appear(tmp_path):
+    """Sweep job folders: one made by this sweep goes, one that existed keeps everything but Hydra's new files;
+    a folder no callback saw is never touched."""
+    from serengeti.run_dirs import RecordRunDirs, remove_fresh_run_dir
+
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    (sweep / "0" / "notes.log").write_text("mine\n")
+    RecordRunDirs().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    for job in ("0", "1"):  # what Hydra writes into each job folder
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "config.yaml").write_text("x: 1\n")
+        (sweep / job / "train.log").write_text("")
+    remove_fresh_run_dir(sweep / "0")
+    remove_fresh_run_dir(sweep / "1")
+    assert sorted(p.name for p in sweep.iterdir()) == ["0"]
+    assert sorted(p.name for p in (sweep / "0").iterdir()) == ["notes.log"]
+    unseen = tmp_path / "unseen"
+    (unseen / ".hydra").mkdir(parents=True)
+    remove_fresh_run_dir(unseen)
+    assert (unseen / ".hydra").is_dir()

@@ -117,16 +117,23 @@ def test_stored_sizes_must_match_the_weights(tmp_path, edit, expected):
 
 @pytest.mark.slow  # two fresh interpreters importing torch
 def test_refusing_huge_stored_sizes_stays_small_in_memory(tmp_path):
+    for edit in ({"vocab_size": 16_000_000}, {"n_layer": 100_000}):
+        out = _export_with(tmp_path, next(iter(edit)), **edit)
+        message, peak_kb = _refusal_in_a_fresh_process(out)
+        assert message.startswith(f"{out}: ")
+        assert peak_kb < 1_000_000, f"peak RSS {peak_kb / 1e6:.2f} GB refusing {edit}"
+
+
+def _refusal_in_a_fresh_process(path: Path) -> tuple[str, int]:
+    """``(load_model's one-line refusal, peak RSS in KB)`` of loading ``path`` in a new interpreter."""
     script = ("import resource, sys\nfrom serengeti.checkpoint import CheckpointError, load_model\n"
               "try:\n    load_model(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n"
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
-    for edit in ({"vocab_size": 16_000_000}, {"n_layer": 100_000}):
-        out = _export_with(tmp_path, next(iter(edit)), **edit)
-        res = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
-        lines = res.stdout.strip().splitlines()
-        assert len(lines) == 2 and lines[0].startswith(f"{out}: "), res.stdout + res.stderr
-        assert int(lines[1]) < 1_000_000, f"peak RSS {int(lines[1]) / 1e6:.2f} GB refusing {edit}"  # ru_maxrss: KB
+    res = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2, res.stdout + res.stderr
+    return lines[0], int(lines[1])
 
 
 # -- zip-bomb checkpoints are refused before anything is inflated -------------------------------------
@@ -199,14 +206,9 @@ def test_zip_bomb_checkpoints_are_refused_before_inflating(tmp_path, monkeypatch
 def test_refusing_a_10mb_zip_bomb_stays_small_in_memory(tmp_path):
     bomb = zip_bomb(tmp_path / "bomb.ckpt", 10)
     assert 9e6 < bomb.stat().st_size < 12e6
-    script = ("import resource, sys\nfrom serengeti.checkpoint import CheckpointError, load_model\n"
-              "try:\n    load_model(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n"
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
-    res = subprocess.run([sys.executable, "-c", script, str(bomb)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"})
-    lines = res.stdout.strip().splitlines()
-    assert len(lines) == 2 and "would inflate to 10737.4 MB" in lines[0], res.stdout + res.stderr
-    assert int(lines[1]) < 1_000_000, f"peak RSS {int(lines[1]) / 1e6:.2f} GB refusing the bomb"
+    message, peak_kb = _refusal_in_a_fresh_process(bomb)
+    assert "would inflate to 10737.4 MB" in message
+    assert peak_kb < 1_000_000, f"peak RSS {peak_kb / 1e6:.2f} GB refusing the bomb"
 
 
 # -- an export's recorded dataset names no place: data, caches and hub ids come from the command line -------
