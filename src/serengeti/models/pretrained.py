@@ -45,7 +45,8 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool =
     """``.ckpt`` (or exported directory) -> safetensors directory ``out``; returns ``out``.
 
     The tokenizer is copied in when it can be loaded; if not, a warning is logged and the record
-    alone is kept (loading the export then needs the tokenizer where it was at training time).
+    alone is kept (text in and out of the export then needs ``tokenizer=<local tokenizer>``: an export's
+    record is never looked up by name).
     """
     check_export_target(out, overwrite=overwrite, inputs={"ckpt": ckpt})  # before any work
     model, cfg, _ = load_model(ckpt, load_tokenizer=False)
