@@ -243,7 +243,7 @@ def test_save_pretrained_refuses_an_input(tmp_path):
 def test_run_dirs_removes_only_what_it_saw_appear(tmp_path):
     """Sweep job folders: one made by this sweep goes, one that existed keeps everything but Hydra's new files;
     a folder no callback saw is never touched."""
-    from serengeti.run_dirs import RecordRunDirs, remove_fresh_run_dir
+    from serengeti.training.run_dirs import RecordRunDirs, remove_fresh_run_dir
 
     sweep = tmp_path / "sweep"
     (sweep / "0").mkdir(parents=True)

@@ -126,7 +126,7 @@ def test_refusing_huge_stored_sizes_stays_small_in_memory(tmp_path):
 
 def _refusal_in_a_fresh_process(path: Path) -> tuple[str, int]:
     """``(load_model's one-line refusal, peak RSS in KB)`` of loading ``path`` in a new interpreter."""
-    script = ("import resource, sys\nfrom serengeti.checkpoint import CheckpointError, load_model\n"
+    script = ("import resource, sys\nfrom serengeti.errors import CheckpointError\nfrom serengeti.models.pretrained import load_model\n"
               "try:\n    load_model(sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n"
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     res = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300,
@@ -183,7 +183,7 @@ def zip_bomb(path: Path, inflated_gib: float) -> Path:
 
 
 def test_zip_bomb_checkpoints_are_refused_before_inflating(tmp_path, monkeypatch):
-    from serengeti.checkpointing import SafeCheckpointIO
+    from serengeti.training.checkpoint_policy import SafeCheckpointIO
     from serengeti.convert import ConversionError, load_reference_state
 
     bomb = zip_bomb(tmp_path / "bomb.ckpt", 0.25)
@@ -192,7 +192,7 @@ def test_zip_bomb_checkpoints_are_refused_before_inflating(tmp_path, monkeypatch
     def no_load(*args, **kwargs):
         raise AssertionError("torch.load was reached")
 
-    monkeypatch.setattr("serengeti.checkpoint.torch.load", no_load)
+    monkeypatch.setattr("serengeti.io.checkpoint.torch.load", no_load)
     expected = rf"^{bomb}: its zip members would inflate to 268\.4 MB from a 0\.\d MB file"
     with pytest.raises(CheckpointError, match=expected):
         load_model(bomb)  # evaluate.py ckpt= / task=export
@@ -231,7 +231,7 @@ def _hostile_export(tmp_path: Path, *, with_tokenizer: bool) -> tuple[Path, Path
     system = tmp_path / "system_file"
     system.write_text("root:x:0:0\n" * 50)
     cfg = OmegaConf.to_container(compose_cfg(["model.vocab_size=10", "model.l_max=16"]).model, resolve=True)
-    dataset = {"_target_": "serengeti.data.lm.TextFiles", "train": str(system), "validation": str(system),
+    dataset = {"_target_": "serengeti.data.text.TextFiles", "train": str(system), "validation": str(system),
                "name": "../../escaped", "tokenizer": "someone/tok", "cache_dir": str(tmp_path / "foreign_cache"),
                "seq_len": 8, "batch_size": 2}
     tok = _word_tokenizer()
@@ -288,7 +288,7 @@ def test_an_export_scores_on_the_users_data_and_cache(tmp_path, no_hub):
 
 
 def test_cache_names_stay_inside_the_cache(tmp_path):
-    from serengeti.data.lm import TextFiles
+    from serengeti.data.text import TextFiles
     from serengeti.data.token_cache import cache_paths
 
     text = tmp_path / "t.txt"
