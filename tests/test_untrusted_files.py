@@ -256,7 +256,7 @@ def _files(root: Path) -> set[str]:
 
 def test_an_exports_recorded_places_are_not_used(tmp_path, no_hub):
     from conftest import compose_eval_cfg
-    from serengeti.evaluate import EvalError
+    from serengeti.errors import EvalError
     from serengeti.evaluate.run import run as evaluate
 
     out, system = _hostile_export(tmp_path, with_tokenizer=False)
