@@ -210,3 +210,111 @@ def test_slurm_requeue_command_names_the_job_or_array_task():
                                   "SLURM_ARRAY_TASK_ID": "4"}) == ["scontrol", "requeue", "123_4"]
     assert slurm_requeue_command({}) is None
     assert slurm_requeue_command({"SLURM_JOB_ID": "1; rm -rf /"}) is None
+
+
+
+class _Killed(Exception):
+    pass
+
+
+def _epoch_run(run_dir: Path, batch_size: int, *extra: str, kill_at: int | None = None) -> list[list[int]]:
+    """Train in-process on 320 examples in batches of ``batch_size`` (with ``kill_at``: die at that step,
+    as a SIGKILL would, after the periodic ``last.ckpt``); returns the indices each epoch's training
+    sampler handed out (after any resume skip)."""
+    from conftest import compose_cfg
+    from serengeti.data.samplers import EpochShuffleSampler
+    from serengeti.training.lm_task import LMTask
+    from serengeti.training.run import run
+
+    handed_out, resumed, step = [], EpochShuffleSampler._resumed, LMTask.training_step
+
+    def recording(self, indices):
+        it = list(resumed(self, indices))
+        if len(indices) == 320:  # the training sampler (validation runs in order)
+            handed_out.append(it)
+        return iter(it)
+
+    def dying(self, *args, **kwargs):
+        if self.trainer.global_step == kill_at:
+            raise _Killed
+        return step(self, *args, **kwargs)
+
+    cfg = compose_cfg([*RUN[1:], "trainer.limit_val_batches=1", f"dataset.batch_size={batch_size}",
+                       "dataset.num_workers=0", *extra], output_dir=run_dir)
+    EpochShuffleSampler._resumed, LMTask.training_step = recording, dying
+    try:
+        run(cfg)
+    except _Killed:
+        pass
+    finally:
+        EpochShuffleSampler._resumed, LMTask.training_step = resumed, step
+    return handed_out
+
+
+def test_resume_mid_epoch_with_another_batch_size_trains_every_sample_once(tmp_path, caplog):
+    """6 steps of 4 samples, then resumed in batches of 8: the epoch goes on with the 296 samples not
+    yet seen (37 batches, ending at step 43), none skipped (before: 6 x 8 = 48 skipped, 24 never seen)."""
+    (first,) = _epoch_run(tmp_path, 4, "callbacks.model_checkpoint.every_n_train_steps=6", kill_at=6)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert _ckpt(last)["serengeti_resume"]["samples_done"] == 24 and _ckpt(last)["epoch"] == 0
+    second = _epoch_run(tmp_path, 8, "trainer.max_steps=60", "trainer.max_epochs=1", "ckpt_path=auto")
+    assert len(second) == 1 and second[0] == first[24:]  # the same permutation, from sample 24 on
+    assert _ckpt(last)["global_step"] == 6 + 296 // 8  # the rest of the epoch: 37 batches of 8
+    assert "resuming mid-epoch with dataset.batch_size=8, the checkpoint was written with 4" in caplog.text
+
+
+def test_sigterm_during_the_test_exits_with_the_signal_and_says_what_finished(tmp_path):
+    """Before: Lightning's handler took over after fit and the run exited 0 without metrics.json."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *RUN[:-1], f"hydra.run.dir={tmp_path}", "trainer.max_steps=4",
+           "dataset.num_examples=32", "dataset.num_test_examples=40000", "test_after_fit=true"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    log, deadline = tmp_path / "train.log", time.time() + 300
+    while not (log.is_file() and "Trainer.fit` stopped" in log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the test's 5000 batches
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert err.strip().splitlines()[-1] == (
+        f"[serengeti] stopped by SIGTERM during the test, after training finished at step 4 (saved {last}); "
+        f"no metrics.json written; resume with ckpt_path={last}")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_signal_before_training_starts_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from conftest import compose_cfg
+    import serengeti.training.run as train
+
+    prepare = train.prepare
+
+    def signalled(cfg):  # the signal arrives while the data are prepared
+        os.kill(os.getpid(), signal.SIGTERM)
+        return prepare(cfg)
+
+    monkeypatch.setattr(train, "prepare", signalled)
+    with pytest.raises(SystemExit) as stop:
+        train.main(compose_cfg(RUN[1:], output_dir=tmp_path))
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "[serengeti] stopped by SIGTERM before training started: nothing was trained or saved; "
+        "nothing to resume: run the command again")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone again
+
+
+def test_a_second_run_in_a_locked_run_directory_refuses_naming_the_holder(tmp_path):
+    from serengeti.io.run_lock import LOCK_NAME, RunDirBusy, lock_run_dir
+
+    with lock_run_dir(tmp_path):  # this process plays the first run
+        r = _train(tmp_path, "ckpt_path=auto", "trainer.max_steps=2")
+        with pytest.raises(RunDirBusy, match=f"pid {os.getpid()} on "):
+            with lock_run_dir(tmp_path):
+                pass
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith(
+        f"error: run directory {tmp_path} is in use by another run (pid {os.getpid()} on ")
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / LOCK_NAME).exists()
+    (tmp_path / LOCK_NAME).write_text("999999 elsewhere\n")  # left by a killed run: no flock is held on it
+    with lock_run_dir(tmp_path) as lock:
+        assert lock.read_text().split()[0] == str(os.getpid())

@@ -6,21 +6,25 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities import rank_zero_only
 
 from serengeti import config_resolvers  # noqa: F401  (registers ${serengeti.*} resolvers)
 from serengeti.data.tokenizers import tokenizer_record
 from serengeti.errors import CheckpointError, ConfigError, UnsafeConfigError
+from serengeti.io.run_lock import RunDirBusy, lock_run_dir
 from serengeti.io.run_record import FAILED, process_cpu_seconds, write_run_record
 from serengeti.mixers.base import StateError
 from serengeti.models.generation import state_size
 from serengeti.training.accelerator import cuda_problem
 from serengeti.training.callbacks.exact_resume import ExactResume
 from serengeti.training.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
-from serengeti.training.callbacks.preemption import Preempted, Preemption
+from serengeti.training.callbacks.preemption import Preempted, Preemption, StopSignal, stop_on_signal
 from serengeti.training.checkpoint_policy import ModelCheckpoint, SafeCheckpointIO, resolve_ckpt_path
 from serengeti.training.compiling import compile_backbone
 from serengeti.training.config_checks import check_config
@@ -86,10 +90,53 @@ def run(cfg: DictConfig, state: dict | None = None) -> dict[str, float]:
     """Train (and test) one configuration; returns the final metrics as floats.
 
     ``state``: filled with the trainer, parameter count and start times once training begins.
+    The run directory is locked for the whole run (:mod:`serengeti.io.run_lock`, rank 0 only), and a
+    signal at any point stops it with :class:`Preempted` (exit 128 + signal) saying what finished.
     """
-    cpu_start = process_cpu_seconds()
     apply_final_overrides(cfg)  # a preset's keys (size=tiny) over the experiment's, the command line's over both
     check_config(cfg)  # before seeding: seed=abc is a config error too
+    stage = _Stage()
+    try:
+        with stop_on_signal(), _run_dir_lock(cfg.paths.output_dir):
+            return _run(cfg, stage, state)
+    except StopSignal as s:
+        raise stage.preempted(s.signum) from None
+
+
+class _Stage:
+    """How far a run got, for the message when a signal stops it outside the training steps."""
+
+    def __init__(self) -> None:
+        self.trainer: pl.Trainer | None = None
+        self.testing = self.recorded = False
+
+    def preempted(self, signum: int) -> Preempted:
+        trainer = self.trainer
+        step = trainer.global_step if trainer is not None else 0
+        if step == 0:
+            return Preempted(signum, 0, None, "before training started: nothing was trained or saved")
+        checkpoint = getattr(trainer.checkpoint_callback, "last_model_path", "") or None
+        saved = f"saved {checkpoint}" if checkpoint else "no checkpoint written"
+        if self.recorded:
+            return Preempted(signum, step, checkpoint, f"after the run finished at step {step} (metrics.json written)")
+        if not self.testing:  # between the training steps and the end of fit (validation, last save)
+            return Preempted(signum, step, checkpoint, f"after training step {step} ({saved}); no metrics.json written")
+        return Preempted(signum, step, checkpoint, f"during the test, after training finished at step {step} "
+                                                   f"({saved}); no metrics.json written")
+
+
+@contextmanager
+def _run_dir_lock(run_dir: str) -> Iterator[None]:
+    """:func:`serengeti.io.run_lock.lock_run_dir` in the rank-0 process (DDP's other ranks share its directory)."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    with lock_run_dir(run_dir):
+        yield
+
+
+def _run(cfg: DictConfig, stage: _Stage, state: dict | None) -> dict[str, float]:
+    cpu_start = process_cpu_seconds()
     pl.seed_everything(cfg.seed, workers=True)  # a resumed run gets its RNG states back at its first batch
     datamodule, task = prepare(cfg)
     try:
@@ -107,11 +154,13 @@ def run(cfg: DictConfig, state: dict | None = None) -> dict[str, float]:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
                                       plugins=[SafeCheckpointIO()])
+    stage.trainer = trainer
     start = time.time()
     if state is not None:  # what main() needs to record a run that fails from here on
         state.update(trainer=trainer, n_params=n_params, start=start, cpu_start=cpu_start)
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    stage.testing = True
     if cfg.get("test_after_fit", True):
         for result in trainer.test(task, datamodule=datamodule, verbose=False):
             metrics.update({k: float(v) for k, v in result.items()})
@@ -120,6 +169,7 @@ def run(cfg: DictConfig, state: dict | None = None) -> dict[str, float]:
         write_run_record(cfg.paths.output_dir, cfg, metrics, steps=trainer.global_step,
                          wall_s=metrics["time/fit_and_test_s"], cpu_s=process_cpu_seconds() - cpu_start,
                          n_params=n_params, state_size=_state_size(task.model))
+        stage.recorded = True
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("test/", "val/")))
         log.info("final metrics: %s", summary)
         print(f"[serengeti] {summary} | steps={trainer.global_step} | wall={metrics['time/fit_and_test_s']:.1f}s")
@@ -180,8 +230,10 @@ def main(cfg: DictConfig) -> float | None:
             raise
         ours = _first_of(e, _OURS)
         if isinstance(ours, Preempted):
-            print(f"[serengeti] {ours}; resume with ckpt_path={ours.path or 'auto'}", file=sys.stderr)
+            print(f"[serengeti] {ours}; {ours.hint}", file=sys.stderr)
             raise SystemExit(ours.exit_code) from None
+        if isinstance(e, RunDirBusy):  # the directory is another live run's: touch nothing in it
+            raise SystemExit(f"error: {e}") from None
         message = failure_message(e)
         if ours is None:
             message += " (SERENGETI_DEBUG=1 shows the traceback)"

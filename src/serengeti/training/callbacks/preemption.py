@@ -6,6 +6,11 @@ callback replaces both for the duration of ``fit``. A second Ctrl-C stops at onc
 Under DDP every rank stops at the same step (the flag is all-reduced after each step). Under SLURM,
 SIGUSR1 also requeues the job (``scontrol requeue``, as Lightning's auto-requeue does) once the
 checkpoint is written; the requeued job resumes with ``ckpt_path=auto`` (docs/reliability.md).
+
+Outside the training steps (data preparation, the sanity check, the test after ``fit``, writing the
+record) :func:`stop_on_signal` holds the same signals for the whole run and stops at once with
+:class:`StopSignal`, which ``serengeti.train.run`` turns into :class:`Preempted` saying what had
+finished. Lightning's own SIGTERM handling there would exit 0 without a record.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import os
 import signal
 import subprocess
 import threading
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import pytorch_lightning as pl
 
@@ -36,16 +42,57 @@ def slurm_requeue_command(env: Mapping[str, str] = os.environ) -> list[str] | No
 
 
 class Preempted(Exception):
-    """Training stopped on a signal after saving ``path`` at ``step``."""
+    """The run stopped on a signal: during training after saving ``path`` at ``step``, or, with
+    ``when``, at another point that ``when`` describes (e.g. "before training started: ...")."""
 
-    def __init__(self, signum: int, step: int, path: str | None) -> None:
+    def __init__(self, signum: int, step: int, path: str | None, when: str | None = None) -> None:
         self.signum, self.step, self.path = signum, step, path
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}"
-                         + (f": saved {path}" if path else ": no checkpoint written"))
+        if when is None:
+            when = f"at step {step}" + (f": saved {path}" if path else ": no checkpoint written")
+        super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+    @property
+    def hint(self) -> str:
+        """What to do next: resume, or (nothing trained yet) run the command again."""
+        if self.step == 0 and self.path is None:
+            return "nothing to resume: run the command again"
+        return f"resume with ckpt_path={self.path or 'auto'}"
+
+
+class StopSignal(BaseException):
+    """Raised by :func:`stop_on_signal`'s handler: a signal arrived outside the training steps.
+
+    A ``BaseException``, so that no ``except Exception`` on the way (data loading, Lightning's
+    hooks) swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[None]:
+    """While active, SIGTERM / SIGINT / SIGUSR1 raise :class:`StopSignal` (in the main thread).
+
+    :class:`Preemption` replaces the handler during the training steps; Lightning composes its own
+    SIGTERM handler with this one while ``fit`` / ``test`` run, so this one still stops the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        raise StopSignal(signum)
+
+    previous = {s: signal.signal(s, handle) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 class Preemption(pl.Callback):
