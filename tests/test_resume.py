@@ -266,7 +266,8 @@ def test_resume_mid_epoch_with_another_batch_size_trains_every_sample_once(tmp_p
 def test_sigterm_during_the_test_exits_with_the_signal_and_says_what_finished(tmp_path):
     """Before: Lightning's handler took over after fit and the run exited 0 without metrics.json."""
     cmd = [sys.executable, str(ROOT / "train.py"), *RUN[:-1], f"hydra.run.dir={tmp_path}", "trainer.max_steps=4",
-           "dataset.num_examples=32", "dataset.num_test_examples=40000", "test_after_fit=true"]
+           "dataset.num_examples=32", "dataset.num_test_examples=40000", "test_after_fit=true",
+           "trainer.limit_val_batches=1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     log, deadline = tmp_path / "train.log", time.time() + 300
     while not (log.is_file() and "Trainer.fit` stopped" in log.read_text()):
