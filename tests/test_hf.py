@@ -175,6 +175,18 @@ def test_hostile_config_is_refused_without_running_code(case, tmp_path):
     assert not flag.exists()
 
 
+@pytest.mark.parametrize("key,value", [("vocab_size", 16_000_000), ("n_layer", 100_000)])
+def test_absurd_stored_sizes_are_refused_before_allocation(key, value, tmp_path):
+    """The transformers path runs the shared stored-size check (its memory bound: tests/test_untrusted_files.py)."""
+    out = tiny_export(tmp_path, MODELS["h3"])
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model"][key] = value
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"^{out}: ") as e:
+        AutoModelForCausalLM.from_pretrained(out)
+    assert "\n" not in str(e.value)
+
+
 def test_old_exports_and_training_checkpoints_load(tmp_path):
     """An export without model_type (what earlier releases wrote) and a .ckpt load through serengeti's class."""
     out = tiny_export(tmp_path, MODELS["longconv"])
