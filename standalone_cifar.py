@@ -344,11 +344,20 @@ def evaluate(model, x, y, args, device) -> tuple[float, float]:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON to a temporary file beside ``path`` and renames it over ``path``: readers never see half a file."""
+    """Writes JSON to a temporary file beside ``path``, fsyncs it and renames it over ``path``: readers never
+    see half a file. A one-file copy of ``serengeti.io.atomic.atomic_write`` (src/serengeti/io/atomic.py),
+    without its clean-up of temporaries left by killed writers."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def write_run_record(folder: str, args, history: list[dict], *, steps: int, n_params: int) -> None:

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from serengeti.models.backbone import build_model  # noqa: E402
 from serengeti.training.compiling import compile_backbone  # noqa: E402
-from serengeti.training.run_config import mixer_names, mixer_overrides  # noqa: E402
+from serengeti.config_catalog import mixer_names, mixer_overrides  # noqa: E402
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 #: mixer -> overrides of train.yaml that select it

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serengeti.training.run_config import mixer_names, mixer_overrides
+from serengeti.config_catalog import mixer_names, mixer_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import serengeti  # noqa: F401  (registers the ${serengeti.*} resolvers the configs use)
-from serengeti.training.run_config import mixer_names, mixer_overrides as _mixer_overrides
+from serengeti.config_catalog import mixer_names, mixer_overrides as _mixer_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
@@ -38,7 +38,7 @@ MIXERS = mixer_names(CONFIG_DIR)
 
 
 def mixer_overrides(name: str) -> list[str]:
-    """``train.yaml`` overrides that select mixer ``name`` (:func:`serengeti.training.run_config.mixer_overrides`)."""
+    """``train.yaml`` overrides that select mixer ``name`` (:func:`serengeti.config_catalog.mixer_overrides`)."""
     return _mixer_overrides(name, CONFIG_DIR)
 
 

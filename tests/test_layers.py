@@ -20,7 +20,8 @@ SRC = ROOT / "src"
 #: packages (``serengeti.io`` covers ``serengeti.io.*``) and single modules; ``serengeti`` is the
 #: package's ``__init__`` (the public API) only.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("serengeti.errors", "serengeti.registry", "serengeti.config_resolvers", "serengeti.runtime")),
+    ("base", ("serengeti.errors", "serengeti.registry", "serengeti.config_resolvers", "serengeti.runtime",
+              "serengeti.config_catalog")),
     ("io", ("serengeti.io",)),
     ("ops", ("serengeti.ops",)),
     ("mixers", ("serengeti.mixers",)),

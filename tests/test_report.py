@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from serengeti.io.atomic import atomic_write_text
-from serengeti.io.run_record import RECORD_NAME
+from serengeti.io.run_record import RECORD_FIELDS, RECORD_NAME
 from serengeti.report import ReportError, find_runs, group_runs, main, mean_curve, mean_std, report, select_runs
 
 
@@ -179,6 +179,7 @@ def test_real_sweep_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads((sweep / j / RECORD_NAME).read_text()) for j in ("0", "1")]
     for rec in records:
+        assert tuple(rec) == RECORD_FIELDS
         assert rec["steps"] == 4 and rec["n_params"] > 0 and rec["wall_s"] > 0 and rec["cpu_s"] > 0
         # the default Hyena (2 blocks, d_model 64, order 2, 3 taps) at l_max 66: 2 x (2 x 3 x 64 + 64 x 66)
         assert rec["state_size"] == 2 * (2 * 3 * 64 + 64 * 66)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from serengeti.io.run_record import RECORD_FIELDS
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,6 +314,7 @@ def test_run_dirs_of_two_seeds_aggregate_in_the_report(synthetic_npz, tmp_path):
     mean, std = mean_std(group.values("test/accuracy"))
     assert mean == pytest.approx(sum(accuracies) / 2)
     record = json.loads((tmp_path / "sweep" / "seed1" / "metrics.json").read_text())
+    assert tuple(record) == RECORD_FIELDS  # the fields train.py's run record has (serengeti.io.run_record)
     assert record["steps"] == math.ceil(192 / 16) and record["n_params"] > 0  # 192 toy training images, batch 16
 
 

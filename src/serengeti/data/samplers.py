@@ -1,7 +1,7 @@
 """Training samplers whose order depends only on (seed, epoch), so resumed runs see the same batches."""
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -20,6 +20,17 @@ class ResumableSampler:
     def _resumed(self, indices: Sequence[int]) -> Iterator[int]:
         skip, self._skip = self._skip, 0
         return iter(indices[skip:])
+
+
+def loader_samplers(loaders: Any) -> list:
+    """The samplers of a loader or a list of loaders: each loader's ``sampler`` and its batch sampler's
+    ``sampler``, each once (training loops look there for ``set_epoch`` and ``skip_next``)."""
+    found = []
+    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+        for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+            if sampler is not None and sampler not in found:
+                found.append(sampler)
+    return found
 
 
 def seeded_loader(*args, **kwargs) -> DataLoader:

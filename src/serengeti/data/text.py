@@ -40,6 +40,9 @@ from serengeti.data.windows import (
 
 log = logging.getLogger(__name__)
 
+#: the config key that picks the source split playing each role (``dataset.train_split`` ...)
+ROLE_KEYS = {role: f"{role}_split" for role in ("train", "val", "test")}
+
 DEFAULT_CACHE_DIR = os.path.join(os.environ.get("SERENGETI_CACHE", os.path.expanduser("~/.cache/serengeti")))
 
 

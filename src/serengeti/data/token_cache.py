@@ -8,10 +8,10 @@ Layout under ``cache_dir/<dataset>/``::
 ``key`` hashes the ``spec`` dict (source identity, tokenizer fingerprint, add_eos, ...), so a
 change of any of them builds a new file instead of reusing a stale one.
 
-Atomicity: ids are streamed to ``<bin>.tmp-<host>-<pid>``, fsynced and renamed into place;
-the metadata is written the same way *after* the rename. A builder killed at any point leaves
-either no .bin, or a .bin without its .json: both mean "not built", and the next run rebuilds
-(stale temporaries of dead processes are removed).
+Atomicity: ids are streamed through :func:`serengeti.io.atomic.atomic_write` (a temporary file
+beside the .bin, fsynced and renamed into place; temporaries of dead writers are removed); the
+metadata is written the same way *after* the rename. A builder killed at any point leaves either no
+.bin, or a .bin without its .json: both mean "not built", and the next run rebuilds.
 
 Integrity: the metadata records the SHA-256 of the .bin and its smallest and largest id. Readers
 check the size, then hash the file (about 0.5 s per 100M uint16 tokens; docs/reliability.md) and
@@ -45,7 +45,7 @@ import numpy as np
 
 from serengeti.data.tokenizers import PIECE_CHARS, text_pieces
 from serengeti.errors import ConfigError
-from serengeti.io.atomic import atomic_write_text
+from serengeti.io.atomic import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -158,25 +158,6 @@ def read_cache(paths: CachePaths, *, verify: bool = True) -> TokenArray | None:
     return TokenArray(tokens, meta, paths.bin, built=False)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temporaries(paths: CachePaths) -> None:
-    host = socket.gethostname()
-    for tmp in paths.bin.parent.glob(paths.bin.name.rsplit(".", 1)[0] + ".*.tmp-*"):
-        tag = tmp.name.rsplit(".tmp-", 1)[-1]
-        tmp_host, _, pid = tag.rpartition("-")
-        if tmp_host == host and pid.isdigit() and not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
 def _pieces(docs: Iterable, piece_chars: int) -> Iterator[tuple[str, bool, bool]]:
     """``(text, ends_document, document_empty)`` pieces of at most ``piece_chars`` characters: a long string
     or a :class:`~serengeti.data.sources.TextStream` is split (:func:`~serengeti.data.tokenizers.text_pieces`)."""
@@ -221,58 +202,54 @@ def write_tokens(docs: Iterable, tokenizer, paths: CachePaths, *, add_eos: bool,
     if add_eos and tokenizer.eos_id is None:
         raise ValueError(f"dataset.add_eos=true but the tokenizer {tokenizer!r} has no end-of-text token")
     dtype = token_dtype(tokenizer.vocab_size)
-    paths.bin.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.bin.with_name(f"{paths.bin.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     n_tokens = n_docs = n_bytes = 0
     digest, min_id, max_id = hashlib.sha256(), None, None
     start = time.perf_counter()
-    next_report = progress_every_bytes
-    try:
-        with open(tmp, "wb") as f:
-            for batch in _batches(_pieces(docs, piece_chars), batch_docs, piece_chars):
-                ids = tokenizer.encode_batch([text for text, _, _ in batch])
-                pieces = []
-                for (text, ends, empty), piece_ids in zip(batch, ids):
-                    pieces.append(piece_ids)
-                    if ends and not empty:
-                        n_docs += 1
-                        if add_eos:
-                            pieces.append([tokenizer.eos_id])
-                n_bytes += sum(len(text.encode("utf-8")) for text, _, _ in batch)
-                arr = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(map(len, pieces)))
-                del ids, pieces
-                if max_tokens is not None and n_tokens + len(arr) > max_tokens:
-                    arr = arr[: max_tokens - n_tokens]
-                if len(arr):
-                    lo, hi = int(arr.min()), int(arr.max())
-                    if lo < 0 or hi >= tokenizer.vocab_size:
-                        raise ValueError(f"tokenizer {tokenizer!r} produced an id outside [0, {tokenizer.vocab_size})")
-                    min_id, max_id = min(lo, min_id if min_id is not None else lo), max(hi, max_id if max_id is not None else hi)
-                data = arr.astype(dtype).tobytes()
-                digest.update(data)
-                f.write(data)
-                n_tokens += len(arr)
-                if n_bytes >= next_report:
-                    now = time.perf_counter()
-                    log.info("tokenized %.1f MB, %d tokens (%.2f MB/s)", n_bytes / 1e6, n_tokens, n_bytes / 1e6 / (now - start))
-                    next_report += progress_every_bytes
-                if max_tokens is not None and n_tokens >= max_tokens:
-                    break
-            f.flush()
-            os.fsync(f.fileno())
-        seconds = time.perf_counter() - start
-        meta = {
-            "format": FORMAT_VERSION, "num_tokens": n_tokens, "dtype": dtype.str, "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id, "add_eos": add_eos, "num_documents": n_docs, "num_bytes": n_bytes,
-            "sha256": digest.hexdigest(), "min_id": min_id, "max_id": max_id,
-            "build_seconds": round(seconds, 3), "mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 3),
-            "tokenizer": getattr(tokenizer, "name", repr(tokenizer)), "spec": spec,
-            "built_by": f"{socket.gethostname()}:{os.getpid()}",
-        }
-        os.replace(tmp, paths.bin)
-        atomic_write_text(paths.meta, json.dumps(meta, indent=1, default=str))
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def stream(f) -> None:
+        nonlocal n_tokens, n_docs, n_bytes, min_id, max_id
+        next_report = progress_every_bytes
+        for batch in _batches(_pieces(docs, piece_chars), batch_docs, piece_chars):
+            ids = tokenizer.encode_batch([text for text, _, _ in batch])
+            pieces = []
+            for (text, ends, empty), piece_ids in zip(batch, ids):
+                pieces.append(piece_ids)
+                if ends and not empty:
+                    n_docs += 1
+                    if add_eos:
+                        pieces.append([tokenizer.eos_id])
+            n_bytes += sum(len(text.encode("utf-8")) for text, _, _ in batch)
+            arr = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=sum(map(len, pieces)))
+            del ids, pieces
+            if max_tokens is not None and n_tokens + len(arr) > max_tokens:
+                arr = arr[: max_tokens - n_tokens]
+            if len(arr):
+                lo, hi = int(arr.min()), int(arr.max())
+                if lo < 0 or hi >= tokenizer.vocab_size:
+                    raise ValueError(f"tokenizer {tokenizer!r} produced an id outside [0, {tokenizer.vocab_size})")
+                min_id, max_id = min(lo, min_id if min_id is not None else lo), max(hi, max_id if max_id is not None else hi)
+            data = arr.astype(dtype).tobytes()
+            digest.update(data)
+            f.write(data)
+            n_tokens += len(arr)
+            if n_bytes >= next_report:
+                now = time.perf_counter()
+                log.info("tokenized %.1f MB, %d tokens (%.2f MB/s)", n_bytes / 1e6, n_tokens, n_bytes / 1e6 / (now - start))
+                next_report += progress_every_bytes
+            if max_tokens is not None and n_tokens >= max_tokens:
+                break
+
+    atomic_write(paths.bin, stream)
+    seconds = time.perf_counter() - start
+    meta = {
+        "format": FORMAT_VERSION, "num_tokens": n_tokens, "dtype": dtype.str, "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id, "add_eos": add_eos, "num_documents": n_docs, "num_bytes": n_bytes,
+        "sha256": digest.hexdigest(), "min_id": min_id, "max_id": max_id,
+        "build_seconds": round(seconds, 3), "mb_per_s": round(n_bytes / 1e6 / max(seconds, 1e-9), 3),
+        "tokenizer": getattr(tokenizer, "name", repr(tokenizer)), "spec": spec,
+        "built_by": f"{socket.gethostname()}:{os.getpid()}",
+    }
+    atomic_write_text(paths.meta, json.dumps(meta, indent=1, default=str))
     return meta
 
 
@@ -315,7 +292,6 @@ def build_locked(paths: CachePaths, build: Callable[[], dict]) -> TokenArray:
         cached = read_cache(paths)  # another process may have finished while we waited
         if cached is not None:
             return cached
-        _remove_stale_temporaries(paths)
         paths.meta.unlink(missing_ok=True)
         build()
     out = read_cache(paths, verify=False)  # hashed while it was written

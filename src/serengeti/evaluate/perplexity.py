@@ -29,9 +29,7 @@ def build_datamodule(dataset_cfg: Mapping[str, Any], batch_size: int | None = No
     from serengeti.registry import DATASETS, build
 
     cfg = dict(dataset_cfg)
-    if batch_size is not None:
-        if batch_size < 1:
-            raise EvalError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size is not None:  # checked by evaluate.run.check_settings (an integer >= 1)
         cfg["batch_size"] = batch_size
         if "batch_size_eval" in cfg:
             cfg["batch_size_eval"] = batch_size

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from serengeti.data.text import ROLE_KEYS
 from serengeti.errors import CheckpointError, ConfigError, EvalError
 from serengeti.evaluate.perplexity import build_datamodule, check_position_buckets, evaluate_model
 from serengeti.io.atomic import atomic_write_text, input_clash
@@ -165,9 +166,6 @@ def _print_table(title: str, rows: dict[str, Any]) -> None:
     console().print(table)
 
 
-_ROLE_KEYS = {"train": "train_split", "val": "val_split", "test": "test_split"}
-
-
 def _only_split(dataset_cfg: dict, split: str) -> dict:
     """The dataset config with every role but ``split`` set to null, so that scoring needs no train split.
 
@@ -176,7 +174,7 @@ def _only_split(dataset_cfg: dict, split: str) -> dict:
     """
     if split not in ("val", "test") or dataset_cfg.get("tokenizer") == "char":
         return dataset_cfg
-    return {**dataset_cfg, **{key: None for role, key in _ROLE_KEYS.items() if role != split and key in dataset_cfg}}
+    return {**dataset_cfg, **{key: None for role, key in ROLE_KEYS.items() if role != split and key in dataset_cfg}}
 
 
 #: string settings of a recorded dataset that name no place; every other string (or list or mapping holding

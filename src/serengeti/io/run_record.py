@@ -39,6 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 from serengeti.io.atomic import atomic_write_text
 
 RECORD_NAME = "metrics.json"
+#: the fields of a record, as listed above (standalone_cifar.py writes the same, without importing serengeti)
+RECORD_FIELDS = ("metrics", "steps", "wall_s", "cpu_s", "num_threads", "n_params", "git_commit", "git_dirty", "config")
 RESOLVED_CONFIG_NAME = "config_resolved.yaml"
 _REPO = Path(__file__).resolve().parents[3]
 

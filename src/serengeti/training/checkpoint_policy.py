@@ -29,6 +29,12 @@ log = logging.getLogger("serengeti")
 LAST_NAME = "last.ckpt"
 
 
+def last_ckpt_path(run_dir: str | os.PathLike) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt``: where a run keeps the checkpoint it resumes from
+    (``configs/callbacks/default.yaml`` points the checkpoint callback at the same folder)."""
+    return Path(run_dir) / "checkpoints" / LAST_NAME
+
+
 class NonFiniteWeightsError(RuntimeError):
     """Saving was refused because a tensor of the model holds NaN or inf."""
 
@@ -102,7 +108,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike) -> s
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "auto":
-        last = Path(output_dir) / "checkpoints" / LAST_NAME
+        last = last_ckpt_path(output_dir)
         if last.is_file():
             log.info("ckpt_path=auto: resuming from %s", last)
             return str(last)

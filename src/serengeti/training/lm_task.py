@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
+from serengeti.data.samplers import loader_samplers
 from serengeti.data.targets import IGNORE_INDEX
 from serengeti.models.backbone import LMHeadModel, build_model
 from serengeti.training.optim import build_optimizer, build_scheduler
@@ -143,11 +144,9 @@ class LMTask(pl.LightningModule):
         Lightning sets it from its processed-epochs counter, which runs one ahead after resuming
         from a checkpoint written at the end of an epoch; resumed runs would see other batches.
         """
-        loaders = self.trainer.train_dataloader
-        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-            for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-                if callable(getattr(sampler, "set_epoch", None)):
-                    sampler.set_epoch(self.current_epoch)
+        for sampler in loader_samplers(self.trainer.train_dataloader):
+            if callable(getattr(sampler, "set_epoch", None)):
+                sampler.set_epoch(self.current_epoch)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         ce, count, correct, loss = self._loss(batch)

@@ -14,7 +14,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities import rank_zero_only
 
-from serengeti import config_resolvers  # noqa: F401  (registers ${serengeti.*} resolvers)
 from serengeti.data.tokenizers import tokenizer_record
 from serengeti.errors import CheckpointError, ConfigError, UnsafeConfigError
 from serengeti.io.run_lock import RunDirBusy, lock_run_dir

@@ -16,7 +16,6 @@ and :func:`model_config`; evaluation and conversion read configs that were fille
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -93,20 +92,3 @@ def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
         key = f"{prefix}{k}"
         out += _leaves(v, key + ".") if isinstance(v, dict) and v else [(key, v)]
     return out
-
-
-def mixer_names(config_dir: str | Path) -> list[str]:
-    """Every mixer, one per file of ``<config_dir>/model/mixer/`` (the one list tests and benchmarks use)."""
-    return sorted(p.stem for p in (Path(config_dir) / "model" / "mixer").glob("*.yaml"))
-
-
-def mixer_overrides(name: str, config_dir: str | Path) -> list[str]:
-    """``train.yaml`` overrides that select mixer ``name``: its own model preset (``configs/model/<x>.yaml``
-    whose defaults pick the mixer, hybrids aside), else the default backbone with ``model/mixer=<name>``."""
-    import yaml
-
-    for path in sorted((Path(config_dir) / "model").glob("*.yaml")):
-        defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
-        if not path.stem.startswith("hybrid") and {"mixer": name} in defaults:
-            return [f"model={path.stem}"]
-    return [f"model/mixer={name}"]

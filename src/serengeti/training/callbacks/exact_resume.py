@@ -34,6 +34,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from serengeti.data.samplers import loader_samplers
+
 log = logging.getLogger("serengeti")
 
 KEY = "serengeti_resume"
@@ -66,16 +68,6 @@ def restore_rng(states: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(states["torch"].to(torch.uint8).clone())
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"].to(torch.uint8).clone())
-
-
-def _train_samplers(trainer: pl.Trainer) -> list:
-    loaders = trainer.train_dataloader
-    found = []
-    for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
-        for sampler in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-            if sampler is not None and sampler not in found:
-                found.append(sampler)
-    return found
 
 
 class ExactResume(pl.Callback):
@@ -117,7 +109,7 @@ class ExactResume(pl.Callback):
             return
         batch_size = getattr(trainer.train_dataloader, "batch_size", None)
         saved_batch_size = self._pending.get("batch_size") or batch_size  # older checkpoints: assume the same
-        samplers = [s for s in _train_samplers(trainer) if callable(getattr(s, "skip_next", None))]
+        samplers = [s for s in loader_samplers(trainer.train_dataloader) if callable(getattr(s, "skip_next", None))]
         if not samplers:
             log.warning("resuming mid-epoch (%d batches done) with a training loader that cannot skip: the epoch "
                         "restarts from its first batch, so the run will not match an uninterrupted one", done)

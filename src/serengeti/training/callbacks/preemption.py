@@ -24,6 +24,8 @@ from typing import Any, Iterator, Mapping
 
 import pytorch_lightning as pl
 
+from serengeti.training.checkpoint_policy import last_ckpt_path
+
 log = logging.getLogger("serengeti")
 
 SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None),
@@ -137,9 +139,7 @@ class Preemption(pl.Callback):
         if self.checkpoint is not None:
             path = self.checkpoint.save_last_now(trainer)
         else:
-            from pathlib import Path
-
-            path = str(Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt")
+            path = str(last_ckpt_path(trainer.default_root_dir))
             trainer.save_checkpoint(path)
         if self.received == getattr(signal, "SIGUSR1", None) and trainer.is_global_zero:
             self._requeue()
