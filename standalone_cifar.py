@@ -366,9 +366,10 @@ def write_run_record(folder: str, args, history: list[dict], *, steps: int, n_pa
     last = history[-1]
     write_json_atomic(os.path.join(folder, "config_resolved.yaml"), vars(args))  # JSON is valid YAML
     write_json_atomic(os.path.join(folder, "metrics.json"), {
+        "status": "completed", "reason": None,
         "metrics": {"test/accuracy": last["test_acc"], "test/loss": last["test_loss"], "train/loss": last["train_loss"]},
         "steps": steps, "wall_s": last["seconds"], "cpu_s": last["cpu_seconds"], "num_threads": torch.get_num_threads(),
-        "n_params": n_params, "git_commit": None, "git_dirty": None, "config": "config_resolved.yaml"})
+        "n_params": n_params, "state_size": None, "git_commit": None, "git_dirty": None, "config": "config_resolved.yaml"})
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

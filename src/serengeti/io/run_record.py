@@ -40,7 +40,8 @@ from serengeti.io.atomic import atomic_write_text
 
 RECORD_NAME = "metrics.json"
 #: the fields of a record, as listed above (standalone_cifar.py writes the same, without importing serengeti)
-RECORD_FIELDS = ("metrics", "steps", "wall_s", "cpu_s", "num_threads", "n_params", "git_commit", "git_dirty", "config")
+RECORD_FIELDS = ("status", "reason", "metrics", "steps", "wall_s", "cpu_s", "num_threads", "n_params", "state_size",
+                 "git_commit", "git_dirty", "config")
 RESOLVED_CONFIG_NAME = "config_resolved.yaml"
 _REPO = Path(__file__).resolve().parents[3]
 
