@@ -9,7 +9,7 @@ checkpoint is written; the requeued job resumes with ``ckpt_path=auto`` (docs/re
 
 Outside the training steps (data preparation, the sanity check, the test after ``fit``, writing the
 record) :func:`stop_on_signal` holds the same signals for the whole run and stops at once with
-:class:`StopSignal`, which ``serengeti.train.run`` turns into :class:`Preempted` saying what had
+:class:`StopSignal`, which ``serengeti.training.run.run`` turns into :class:`Preempted` saying what had
 finished. Lightning's own SIGTERM handling there would exit 0 without a record.
 """
 from __future__ import annotations
