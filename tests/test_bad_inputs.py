@@ -310,3 +310,25 @@ def test_missing_or_unreadable_checkpoints_name_the_file(tmp_path, what, load, m
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(CheckpointError, match=message):
         load(tmp_path / what)
+
+
+def test_threads_beyond_the_machines_cpus_are_refused():
+    from serengeti.runtime import set_threads
+
+    with pytest.raises(ValueError, match=rf"^threads=100000: expected an integer >= 1 and <= {os.cpu_count()} "):
+        set_threads(100000)
+
+
+def test_a_zst_file_without_zstandard_keeps_the_install_hint(tmp_path):
+    try:
+        import zstandard  # noqa: F401
+        pytest.skip("zstandard is installed")
+    except ImportError:
+        pass
+    from serengeti.data.text import TextFiles
+
+    (tmp_path / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(ConfigError, match=r"a.jsonl.zst cannot be read: reading .* needs the 'zstandard' package "
+                                          r"\(pip install zstandard\)"):
+        TextFiles(train=str(tmp_path / "a.jsonl.zst"), tokenizer="char", seq_len=8, batch_size=1,
+                  cache_dir=str(tmp_path / "cache")).setup("fit")

@@ -154,3 +154,145 @@ def test_checkpoint_written_before_the_transformer_pp_options_loads_as_before(tm
     assert model.positions == "learned" and isinstance(model.ln_f, torch.nn.LayerNorm)
     x = torch.randint(0, 10, (2, 16))
     torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+
+
+# -- what a loaded checkpoint must be (weights, stored config, tokenizer record) ------------------
+
+def _altered(ckpt, tmp_path, name, change):
+    path, _ = ckpt
+    c = torch.load(path, weights_only=True)
+    change(c)
+    torch.save(c, tmp_path / name)
+    return tmp_path / name
+
+
+W = "model.word_embeddings.weight"
+
+
+@pytest.mark.parametrize("name,change,message", [
+    ("nan.ckpt", lambda c: c["state_dict"][W].__setitem__((0, 0), float("nan")),
+     r"nan.ckpt: tensor 'word_embeddings.weight' holds NaN or Inf \(1 of \d+ values\)"),
+    ("inf.ckpt", lambda c: c["state_dict"][W].__setitem__((1, 2), float("-inf")), "holds NaN or Inf"),
+    ("bool.ckpt", lambda c: c["state_dict"].__setitem__(W, c["state_dict"][W] > 0),
+     r"bool.ckpt: .*'word_embeddings.weight': torch.bool in the checkpoint, the model expects a floating-point"),
+    ("complex.ckpt", lambda c: c["state_dict"].__setitem__(W, c["state_dict"][W].to(torch.complex64)),
+     "torch.complex64 in the checkpoint, the model expects a floating-point"),
+    ("eps.ckpt", lambda c: c["hyper_parameters"]["cfg"]["model"].__setitem__("layer_norm_epsilon", float("nan")),
+     r"eps.ckpt: model.layer_norm_epsilon=nan in the stored config: expected a finite number"),
+    ("drop.ckpt", lambda c: c["hyper_parameters"]["cfg"]["model"].__setitem__("resid_dropout", float("inf")),
+     r"model.resid_dropout=inf in the stored config"),
+    ("tok.ckpt", lambda c: c["hyper_parameters"]["cfg"].__setitem__("tokenizer", {"kind": "bpe"}),
+     r"tok.ckpt: tokenizer.name=None \(kind bpe\): expected a tokenizer name"),
+    ("tok2.ckpt", lambda c: c["hyper_parameters"]["cfg"].__setitem__("tokenizer", {"kind": "char", "chars": "ab"}),
+     r"tokenizer.eos=None \(kind char\): expected true or false"),
+    ("tok3.ckpt", lambda c: c["hyper_parameters"]["cfg"].__setitem__("tokenizer", ["bpe"]),
+     "the tokenizer record is a list, expected a mapping"),
+])
+def test_bad_weights_config_values_and_tokenizer_records_are_refused_naming_the_file(ckpt, tmp_path, name, change,
+                                                                                      message):
+    bad = _altered(ckpt, tmp_path, name, change)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_model(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match=message):
+        export(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_with_nan_weights_is_refused(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = export(ckpt[0], tmp_path / "e")
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors["word_embeddings.weight"][3, 3] = float("nan")
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors|/e: tensor 'word_embeddings.weight' holds NaN"):
+        load_model(out)
+
+
+def test_a_resumed_checkpoint_is_checked_against_the_model_naming_keys_and_file(ckpt, tmp_path):
+    from serengeti.training.checkpoint_policy import SafeCheckpointIO
+
+    path, model = ckpt
+    module = torch.nn.Module()
+    module.model = model  # the LightningModule's layout: weights under "model."
+    io = SafeCheckpointIO(module)
+    assert io.load_checkpoint(path)["state_dict"].keys() == module.state_dict().keys()
+
+    def damage(c):
+        del c["state_dict"]["model.layers.0.mlp.fc1.bias"]
+        c["state_dict"]["model.extra.weight"] = torch.zeros(2)
+        c["state_dict"]["model.layers.1.mlp.fc2.bias"] = torch.zeros(3)
+
+    bad = _altered(ckpt, tmp_path, "resume.ckpt", damage)
+    with pytest.raises(CheckpointError, match=(
+            r"resume.ckpt: weights do not match .* first mismatching key 'model.layers.0.mlp.fc1.bias': missing .*"
+            r"in all: 1 missing \(model.layers.0.mlp.fc1.bias\); 1 unexpected \(model.extra.weight\); "
+            r"1 mis-shaped \(model.layers.1.mlp.fc2.bias\)")):
+        io.load_checkpoint(bad)
+    nan = _altered(ckpt, tmp_path, "nan.ckpt", lambda c: c["state_dict"][W].__setitem__((0, 0), float("nan")))
+    with pytest.raises(CheckpointError, match="nan.ckpt: tensor 'model.word_embeddings.weight' holds NaN"):
+        SafeCheckpointIO().load_checkpoint(nan)
+
+
+def test_a_malformed_tokenizer_json_is_one_line_naming_it(tmp_path, capsys):
+    from serengeti.data.tokenizers import tokenizer_from_record
+    from serengeti.convert import main as convert_main
+    from serengeti.data.tokenizers import load_tokenizer
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"model": {"type": "BPE", "vocab": ')
+    with pytest.raises(ValueError, match=f"^{bad}: not a valid tokenizers 'tokenizer.json' "):
+        load_tokenizer(bad)
+    with pytest.raises(CheckpointError, match=f"{bad}: not a valid tokenizers") as e:
+        tokenizer_from_record({"kind": "ids", "vocab_size": 10}, override=str(bad))
+    assert "\n" not in str(e.value)
+    assert convert_main(["--from", "safari-hyena", str(tmp_path / "x.pt"), str(tmp_path / "o"),
+                         "--tokenizer", str(bad)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_full_disk_names_the_directory_and_leaves_nothing(ckpt, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from serengeti.io.atomic import atomic_write
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=f"no space left on {tmp_path} \\(writing last.ckpt\\)"):
+        atomic_write(tmp_path / "last.ckpt", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match=f"out={tmp_path / 'e'}: no space left on {tmp_path} "):
+        export(ckpt[0], tmp_path / "e")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
+
+
+def test_a_killed_exports_temporary_directory_is_removed_by_the_next_export(ckpt, tmp_path):
+    import os
+    import socket
+
+    prefix = f".e.tmp-{socket.gethostname()}-"
+    dead, live = tmp_path / f"{prefix}999999999", tmp_path / f"{prefix}{os.getppid()}"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    export(ckpt[0], tmp_path / "e")
+    assert not dead.exists() and live.exists()  # a live writer's directory is left alone
+
+
+def test_out_dot_is_one_line(ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"^out=\. would overwrite the input ckpt="):
+        export(ckpt[0], ".")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "notes.txt").write_text("the user's file")
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(CheckpointError, match=r"^out=\. already exists"):
+        export(ckpt[0], ".")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert export(ckpt[0], ".", overwrite=True) == empty and (empty / "model.safetensors").is_file()

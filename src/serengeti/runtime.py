@@ -69,10 +69,12 @@ def set_threads(threads: int | None, key: str = "threads", work: int | None = No
     """``torch.set_num_threads(threads)``; ``None`` = ``OMP_NUM_THREADS`` when the user set it, else
     :func:`auto_threads` of ``work`` (all CPUs when the work is unknown). Returns the count used.
 
-    Raises ``ValueError`` naming ``key`` unless ``threads`` is None or an integer >= 1.
+    Raises ``ValueError`` naming ``key`` unless ``threads`` is None or an integer from 1 to ``os.cpu_count()``.
     """
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"{key}={threads!r}: expected an integer >= 1 or null (= chosen from tokens × d_model² per step)")
+    most = os.cpu_count() or 1  # more threads than CPUs only add contention, and each costs memory
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= most):
+        raise ValueError(f"{key}={threads!r}: expected an integer >= 1 and <= {most} (the CPUs of this machine) "
+                         "or null (= chosen from tokens × d_model² per step)")
     import torch
 
     n = threads or _omp_num_threads() or auto_threads(work)

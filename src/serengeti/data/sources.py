@@ -205,6 +205,8 @@ class LocalFiles:
                     yield check_text(doc, where)
             except DataFileError:
                 raise
+            except ImportError as e:  # a missing optional decompressor: keep its install hint
+                raise DataFileError(f"{where} cannot be read: {e}") from None
             except UnicodeDecodeError as e:
                 raise DataFileError(f"{where} is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}); "
                                     "convert it to UTF-8") from None
@@ -233,8 +235,8 @@ def _open_text(path: Path) -> io.TextIOBase:
     if path.name.endswith(".zst"):
         try:
             import zstandard
-        except ImportError as err:
-            raise ImportError(f"reading {path} needs the 'zstandard' package (pip install zstandard)") from err
+        except ImportError:
+            raise ImportError(f"reading {path} needs the 'zstandard' package (pip install zstandard)") from None
         return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
     return open(path, encoding="utf-8")
 

@@ -208,7 +208,12 @@ def load_tokenizer(spec: str | Mapping | os.PathLike, *, eos_token: str = DEFAUL
             raise ValueError(f"dataset.tokenizer={spec!r}: a file must be a tokenizers 'tokenizer.json'")
         from tokenizers import Tokenizer
 
-        return BPETokenizer(Tokenizer.from_file(str(path)), spec, eos_token)
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust parser raises a bare Exception for malformed JSON or a wrong layout
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{path}: not a valid tokenizers 'tokenizer.json' ({first})") from None
+        return BPETokenizer(backend, spec, eos_token)
     if path.is_dir():
         if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
             return _from_auto(str(path), eos_token)

@@ -24,17 +24,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
     """Call ``write(f)`` on a temporary binary file, then move it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
-    tmp = path.with_name(f"{prefix}{os.getpid()}")
-    for stale in path.parent.glob(f"{prefix}*"):
-        if not _alive(stale.name[len(prefix):]):
-            stale.unlink(missing_ok=True)
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise no_space(path) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -46,6 +47,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
             os.close(fd)
     except OSError:
         pass
+
+
+def temp_path(target: str | os.PathLike) -> Path:
+    """``.<name>.tmp-<host>-<pid>`` beside ``target``, after removing the temporary files or directories
+    that writers of ``target`` on this host left when they were killed (their process is gone)."""
+    target = Path(target)
+    prefix = f".{target.name}.tmp-{socket.gethostname()}-"
+    for stale in target.parent.glob(f"{prefix}*"):
+        if not _alive(stale.name[len(prefix):]):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+    return target.with_name(f"{prefix}{os.getpid()}")
+
+
+def no_space(target: str | os.PathLike) -> OSError:
+    """The error for a full disk while writing ``target``: it names the directory."""
+    target = Path(target)
+    return OSError(errno.ENOSPC, f"no space left on {target.parent} (writing {target.name})")
 
 
 def _alive(pid: str) -> bool:

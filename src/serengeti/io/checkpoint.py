@@ -26,6 +26,7 @@ Public API: :func:`read_checkpoint`, :func:`load_weights_only`, :func:`load_weig
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from typing import Any, Mapping
 import torch
 
 from serengeti.errors import CheckpointError
-from serengeti.io.atomic import input_clash, replace_dir
+from serengeti.io.atomic import input_clash, no_space, replace_dir, temp_path
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -64,7 +65,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
         raise CheckpointError(f"checkpoint not found: {path} (expected a .ckpt from train.py or a directory "
                               f"written by `evaluate.py task=export`, with {WEIGHTS_NAME} + {CONFIG_NAME})")
     if path.is_dir():
-        return _read_export(path)
+        cfg, state = _read_export(path)
+        check_stored_config(cfg, path)
+        return cfg, state
     ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
@@ -74,6 +77,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if not state:
         raise CheckpointError(f"{path}: 'state_dict' holds no 'model.*' weights")
+    check_stored_config(cfg, path)
     return cfg, state
 
 
@@ -163,40 +167,127 @@ def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
-def check_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Raise :class:`CheckpointError` naming ``source`` and the first (in the model's order) missing,
-    unexpected or mis-shaped entry of ``state``; tied entries may be absent. ``model`` may be on the
-    meta device: only shapes are compared."""
-    expected = model.state_dict()
-    aliases = _tied_aliases(model)
-    problems = []
+def _kind(t: torch.Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "boolean"
+    return "floating-point" if t.is_floating_point() else "complex" if t.is_complex() else "integer"
+
+
+def _names(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+
+
+def check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str | os.PathLike,
+                optional: Any = ()) -> None:
+    """Refuse ``state`` unless it fits ``expected`` (a model's ``state_dict()``): the same keys (those in
+    ``optional``, e.g. tied aliases, may be absent), shapes and kinds of dtype (a float tensor stays
+    floating-point: no bool, integer or complex in its place), and finite values in every float or
+    complex tensor.
+
+    Raises:
+        CheckpointError: one line naming ``source``, the first mismatching key (in the model's order)
+            and, when there are more, how many are missing, unexpected and mis-shaped, by name.
+    """
+    problems, missing, shapes = [], [], []
     for name, t in expected.items():
         if name not in state:
-            if name not in aliases:
+            if name not in optional:
+                missing.append(name)
                 problems.append((name, "missing from the checkpoint"))
+        elif not torch.is_tensor(state[name]):
+            problems.append((name, f"a {type(state[name]).__name__} in the checkpoint, not a tensor"))
         elif tuple(state[name].shape) != tuple(t.shape):
+            shapes.append(name)
             problems.append((name, f"shape {tuple(state[name].shape)} in the checkpoint, {tuple(t.shape)} in the model"))
-    problems += [(k, "not a parameter of the model") for k in state if k not in expected]
+        elif _kind(state[name]) != _kind(t):
+            problems.append((name, f"{state[name].dtype} in the checkpoint, the model expects a {_kind(t)} tensor "
+                                   f"({t.dtype})"))
+    unexpected = [k for k in state if k not in expected]
+    problems += [(k, "not a parameter of the model") for k in unexpected]
     if problems:
         key, why = problems[0]
-        more = f" ({len(problems) - 1} more mismatching keys)" if len(problems) > 1 else ""
+        more = ""
+        if len(problems) > 1:
+            counts = [f"{len(ks)} {what} ({_names(ks)})" for what, ks in
+                      (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if ks]
+            more = f" ({len(problems) - 1} more mismatching keys; in all: {'; '.join(counts) or 'see the dtypes'})"
         raise CheckpointError(f"{source}: weights do not match the model built from its config: "
                               f"first mismatching key {key!r}: {why}{more}")
+    for name, t in state.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor {name!r} holds NaN or Inf ({bad} of {t.numel()} values); "
+                                  "non-finite weights are not loaded")
+
+
+
+def check_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """:func:`check_state` of ``state`` against ``model`` (tied entries may be absent). ``model`` may
+    be on the meta device: shapes and dtypes are compared, the values checked are ``state``'s."""
+    check_state(state, model.state_dict(), source, optional=_tied_aliases(model))
 
 
 def load_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
-    """Copy ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error.
-
-    Tied entries (``lm_head.weight`` = ``word_embeddings.weight``) may be absent from ``state``.
+    """Copy ``state`` into ``model`` after :func:`check_weights`.
 
     Raises:
-        CheckpointError: naming ``source`` and the first mismatching key (in the model's order).
+        CheckpointError: naming ``source`` and what does not fit.
     """
     check_weights(model, state, source)
     full = dict(state)
     for alias, name in _tied_aliases(model).items():
         full.setdefault(alias, full[name])
     model.load_state_dict(full, strict=True)
+
+
+def check_stored_config(cfg: Mapping, source: str | os.PathLike) -> None:
+    """Refuse a stored config with a NaN or infinite number anywhere in its ``model`` section (the
+    command line refuses them too) or a tokenizer record that is not one of the shapes in the module
+    docstring (:func:`check_tokenizer_record`).
+
+    Raises:
+        CheckpointError: naming ``source`` and the key.
+    """
+    import math
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, float) and not math.isfinite(node):
+            raise CheckpointError(f"{source}: {key}={node!r} in the stored config: expected a finite number")
+        items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            walk(v, f"{key}.{k}")
+
+    walk(cfg["model"], "model")
+    check_tokenizer_record(cfg.get("tokenizer"), source)
+
+
+_RECORD_FIELDS = {"char": {"chars": (str, "a string of characters"), "eos": (bool, "true or false")},
+                  "bpe": {"name": ((str, dict), "a tokenizer name, path or {vocab, merges}"),
+                          "vocab_size": (int, "an integer >= 1")},
+                  "ids": {"vocab_size": (int, "an integer >= 1")}}
+
+
+def check_tokenizer_record(record: Any, source: str | os.PathLike) -> None:
+    """Refuse a stored tokenizer record that is not one of the shapes in the module docstring.
+
+    Raises:
+        CheckpointError: naming ``source`` and the field.
+    """
+    if record is None:
+        return
+    if not isinstance(record, Mapping):
+        raise CheckpointError(f"{source}: the tokenizer record is a {type(record).__name__}, expected a mapping with 'kind'")
+    kind = record.get("kind")
+    if kind not in _RECORD_FIELDS:
+        raise CheckpointError(f"{source}: tokenizer.kind={kind!r}: expected one of {sorted(_RECORD_FIELDS)}")
+    for name, (types, what) in _RECORD_FIELDS[kind].items():
+        value = record.get(name)
+        ok = isinstance(value, types) and not (types is int and isinstance(value, bool)) and \
+            not (types is int and value < 1)
+        if not ok:
+            raise CheckpointError(f"{source}: tokenizer.{name}={value!r} (kind {kind}): expected {what}")
+    if not isinstance(record.get("eos_token", ""), str):
+        raise CheckpointError(f"{source}: tokenizer.eos_token={record['eos_token']!r}: expected a string")
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -280,7 +371,7 @@ def _write_contents(root: Path, tensors: Mapping[str, torch.Tensor], texts: Mapp
     save_file(dict(tensors), str(root / WEIGHTS_NAME), metadata={"format": "pt"})
     for name, text in texts.items():
         (root / name).write_text(text)
-    _apply_umask(root)  # mkdtemp makes 0700 and safetensors 0600: give them the modes of any new file
+    _apply_umask(root)  # mkdtemp makes 0700 and safetensors 0600: give the files the modes of any new file
 
 
 def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike, *, tokenizer: Any = None,
@@ -300,17 +391,22 @@ def save_pretrained(model: torch.nn.Module, cfg: Mapping, out: str | os.PathLike
     """
     out = Path(out).expanduser()
     check_export_target(out, overwrite=overwrite, inputs=inputs)
+    out = Path(os.path.abspath(out))  # "." or "..": a name to put the temporary directory beside
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors, texts = export_contents(model, cfg, tokenizer)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_path(out)  # named after this process; a killed export's directory is removed here
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         _write_contents(tmp, tensors, texts)
         if os.path.lexists(out):
             replace_dir(tmp, out)
         else:
             os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):  # safetensors' own error
+            raise CheckpointError(f"out={out}: {no_space(out).strerror}") from None
         raise
     return out
 

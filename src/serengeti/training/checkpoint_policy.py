@@ -3,7 +3,9 @@
 * :class:`SafeCheckpointIO` (a Lightning ``CheckpointIO`` plugin) writes each file under a temporary
   name and renames it into place, so a kill during a save leaves the previous file intact; refuses to
   write weights holding NaN/inf; and reads resume checkpoints with ``torch.load(weights_only=True)``,
-  so a checkpoint from elsewhere cannot run code through ``train.py ckpt_path=...``.
+  so a checkpoint from elsewhere cannot run code through ``train.py ckpt_path=...``, and checks their
+  weights against the model being trained (keys, shapes, dtypes, finite values) in one line naming
+  the file (:func:`serengeti.io.checkpoint.check_state`).
 * :class:`ModelCheckpoint` is Lightning's, except that ``last.ckpt`` is written every
   ``every_n_train_steps`` even while the monitored metric does not exist yet (before the first
   validation), where Lightning defers every save until it does.
@@ -22,7 +24,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from serengeti.errors import CheckpointError
 from serengeti.io.atomic import atomic_write
-from serengeti.io.checkpoint import load_weights_only
+from serengeti.io.checkpoint import check_state, load_weights_only
 
 log = logging.getLogger("serengeti")
 
@@ -53,7 +55,15 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Atomic, finite-only saves; weights-only loads (see the module docstring)."""
+    """Atomic, finite-only saves; weights-only, checked loads (see the module docstring).
+
+    ``module``: the LightningModule whose ``state_dict()`` a resumed checkpoint must fit (``None``:
+    only finiteness is checked).
+    """
+
+    def __init__(self, module: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.module = module
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         bad = first_non_finite(checkpoint.get("state_dict", {}))
@@ -62,7 +72,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
         atomic_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return load_weights_only(path, map_location=map_location)
+        checkpoint = load_weights_only(path, map_location=map_location)
+        state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+        expected = self.module.state_dict() if self.module is not None else state
+        check_state(state, expected, path)
+        return checkpoint
 
 
 class ModelCheckpoint(pl.callbacks.ModelCheckpoint):

@@ -152,7 +152,7 @@ def _run(cfg: DictConfig, stage: _Stage, state: dict | None) -> dict[str, float]
         raise ConfigError(str(e)) from e
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False,
-                                      plugins=[SafeCheckpointIO()])
+                                      plugins=[SafeCheckpointIO(task)])
     stage.trainer = trainer
     start = time.time()
     if state is not None:  # what main() needs to record a run that fails from here on
