@@ -19,7 +19,7 @@ the states are obtained:
   S5 operator ``(a_i, b_i) ∘ (a_j, b_j) = (a_j a_i, a_j b_i + b_j)``, as the JAX reference does.
 
 Part 1 sweeps L = 1K ... 64K at P_ = 64 complex states (B 1, H 64, no conj_sym); part 2 times the
-two acceptance shapes of issue 5: (B 8, L 4096, H 64, ssm_size 128, no conj_sym) and
+two reference shapes: (B 8, L 4096, H 64, ssm_size 128, no conj_sym) and
 (B 2, L 16384, H 64, ssm_size 32, conj_sym). Methods are timed in interleaved rounds (ours,
 loop, fft, ..., ours, loop, ...) so load changes on a shared machine hit all alike; each entry
 is the median over rounds, and the table prints ``method time / ours time`` (> 1: ours is
