@@ -118,7 +118,7 @@ def test_generation_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"needs 49 positions .* maximum sequence length 40") as e:
         model.generate(ids, max_new_tokens=20)
     assert "\n" not in str(e.value)
-    with pytest.raises(NotImplementedError, match="num_beams=1"):
+    with pytest.raises(ValueError, match="num_beams=1"):
         model.generate(ids[:, :5], max_new_tokens=3, num_beams=2)
     with pytest.raises(ValueError, match="attention_mask has zeros"):
         model(ids[:, :4], attention_mask=torch.tensor([[0, 1, 1, 1]]))

@@ -149,7 +149,7 @@ class SerengetiCache(Cache):
 
     @staticmethod
     def _refuse(what: str) -> None:
-        raise NotImplementedError(f"{what}: a serengeti generation state cannot be rolled back or reordered; "
+        raise ValueError(f"{what}: a serengeti generation state cannot be rolled back or reordered; "
                                   "generate with num_beams=1 (greedy or sampling)")
 
 
