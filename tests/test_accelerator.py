@@ -1,13 +1,11 @@
 """A GPU trainer on a machine without CUDA is refused before anything is built (serengeti.training.accelerator)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import torch
 
-from conftest import ROOT, compose_cfg
+from conftest import compose_cfg
+from entry_runs import run_in_process
 from serengeti.training.accelerator import cuda_problem
 
 
@@ -22,10 +20,9 @@ def test_cuda_problem_names_the_key_and_the_cpu_trainers(monkeypatch):
     assert cuda_problem({"accelerator": "gpu"}) is None
 
 def test_gpu_trainer_without_cuda_fails_before_the_run_dir(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0", CUDA_VISIBLE_DEVICES="")
     run_dir = tmp_path / "run"
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "trainer=gpu", "logger=none",
-                          f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    res = run_in_process("train.py", ["trainer=gpu", "logger=none", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                         env={"CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("config error: trainer.accelerator=gpu needs a CUDA GPU"), res.stderr[-2000:]

@@ -1,20 +1,21 @@
 """Bad input stops in one line naming the key or file: train config checks, text files, evaluate settings.
 
-Most cases call the checks directly; a few run train.py / evaluate.py as a user would and check the exit
-status, that stderr is one line, and that no run dir is left behind. docs/reliability.md lists them all.
+Most cases call the checks directly; a few run train.py / evaluate.py as a user would (each once in a new
+interpreter, the others in this process: ``entry_runs``) and check the exit status, that stderr is one line, and that no run
+dir is left behind. docs/reliability.md lists them all.
 """
 from __future__ import annotations
 
 import gzip
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import serengeti.training.run  # noqa: F401  (registers the config resolvers the configs use)
 from conftest import ROOT, compose_cfg, compose_eval_cfg, tiny_overrides
+from entry_runs import run_in_process, run_subprocess
 from serengeti.data.sources import DataFileError
 from serengeti.data.text import TextFiles, TinyShakespeare
 from serengeti.errors import CheckpointError, ConfigError, EvalError
@@ -248,12 +249,6 @@ def test_bad_position_buckets_fail_before_the_model_is_loaded(tmp_path, monkeypa
 
 # -- the command lines ------------------------------------------------------------------------
 
-def _cli(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=240)
-
-
 def _one_line(res: subprocess.CompletedProcess) -> str:
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode != 0 and len(lines) == 1, res.stderr[-3000:]
@@ -262,7 +257,7 @@ def _one_line(res: subprocess.CompletedProcess) -> str:
 
 def test_train_cli_bad_value_is_one_line_and_leaves_no_run_dir(tmp_path):
     run_dir = tmp_path / "run"
-    line = _one_line(_cli("train.py", ["optimizer.lr=0", f"hydra.run.dir={run_dir}"], tmp_path))
+    line = _one_line(run_subprocess("train.py", ["optimizer.lr=0", f"hydra.run.dir={run_dir}"], tmp_path))  # a real one
     assert line == "config error: optimizer.lr=0: expected a number > 0"
     assert not run_dir.exists()
 
@@ -270,16 +265,17 @@ def test_train_cli_bad_value_is_one_line_and_leaves_no_run_dir(tmp_path):
 def test_train_cli_binary_text_file_is_one_line_naming_it(tmp_path):
     path, _ = _bad_files(tmp_path)["binary"]
     run_dir = tmp_path / "run"
-    line = _one_line(_cli("train.py", ["dataset=text_files", f"dataset.train={path}", "dataset.tokenizer=char",
-                                       f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"], tmp_path))
+    line = _one_line(run_in_process("train.py", ["dataset=text_files", f"dataset.train={path}", "dataset.tokenizer=char",
+                                                 f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}"],
+                                    tmp_path))
     assert line.startswith(f"config error: dataset: the train file {path} is not UTF-8 text")
     assert not run_dir.exists()
 
 
 def test_evaluate_cli_bad_setting_is_one_line_and_leaves_no_run_dir(tmp_path):
     run_dir = tmp_path / "run"
-    line = _one_line(_cli("evaluate.py", ["task=generate", "ckpt=x.ckpt", "num_samples=0", f"hydra.run.dir={run_dir}"],
-                          tmp_path))
+    line = _one_line(run_subprocess("evaluate.py", ["task=generate", "ckpt=x.ckpt", "num_samples=0",
+                                                    f"hydra.run.dir={run_dir}"], tmp_path))  # a real one
     assert line == "error: num_samples=0: expected an integer >= 1"
     assert not run_dir.exists()
 

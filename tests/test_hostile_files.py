@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_cfg
+from conftest import compose_cfg
+from entry_runs import run_in_process
 from serengeti.errors import CheckpointError, EvalError, UnsafeConfigError
 from serengeti.evaluate.perplexity import build_datamodule
 from serengeti.io.checkpoint import read_checkpoint, save_pretrained
@@ -142,23 +140,18 @@ def test_stored_dataset_config_cannot_name_a_callable(flag):
             build_datamodule(cfg)
 
 
-def _run(script: str, args: list[str], **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
-
-
 def test_resume_and_evaluate_and_convert_refuse_pickled_code(tmp_path, flag):
-    """The command-line loaders: train.py ckpt_path= (resume), evaluate.py ckpt=, serengeti.convert."""
+    """The command-line loaders: train.py ckpt_path= (resume), evaluate.py ckpt=, serengeti.convert (each run
+    as its command line, in this process: :func:`entry_runs.run_in_process`)."""
     path = tmp_path / "pickle.ckpt"
     torch.save({"state_dict": {}, "global_step": 1, "blob": _Payload(flag)}, path)
     env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
-    train = _run("train.py", [f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}", "logger=none",
-                              "trainer.enable_progress_bar=false", "dataset.num_examples=64",
-                              "dataset.num_test_examples=16"], **env)
-    evaluate = _run("evaluate.py", [f"ckpt={path}", f"hydra.run.dir={tmp_path / 'eval'}"], **env)
-    convert = subprocess.run([sys.executable, "-m", "serengeti.convert", "--from", "safari-h3", str(path),
-                              str(tmp_path / "conv")], capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, **env}, timeout=300)
+    train = run_in_process("train.py", [f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}", "logger=none",
+                                        "trainer.enable_progress_bar=false", "dataset.num_examples=64",
+                                        "dataset.num_test_examples=16"], env=env)
+    evaluate = run_in_process("evaluate.py", [f"ckpt={path}", f"hydra.run.dir={tmp_path / 'eval'}"], env=env)
+    convert = run_in_process("-m serengeti.convert", ["--from", "safari-h3", str(path), str(tmp_path / "conv")],
+                             env=env)
     for name, r in [("train", train), ("evaluate", evaluate), ("convert", convert)]:
         lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
         assert r.returncode != 0 and "Traceback" not in r.stderr, (name, r.stderr[-2000:])

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_cfg, compose_eval_cfg
+from conftest import compose_cfg, compose_eval_cfg
+from entry_runs import run_in_process, run_subprocess
 from serengeti.io.atomic import input_clash, replace_dir
 from serengeti.errors import CheckpointError
 from serengeti.io.checkpoint import check_export_target, save_pretrained
@@ -65,10 +65,9 @@ def _snapshot(*paths: Path) -> dict[str, bytes | None]:
     return snap
 
 
-def _cli(args: list[str], cwd: Path, module: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", module] if module else [sys.executable, str(ROOT / args.pop(0))]
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
-    return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python train.py|evaluate.py ARGS`` run in this process (:func:`entry_runs.run_in_process`)."""
+    return run_in_process(args[0], args[1:], cwd=cwd)
 
 
 def _one_line(res: subprocess.CompletedProcess) -> str:
@@ -174,7 +173,7 @@ def test_convert_overwrite_refuses_a_run_dir_and_a_file(tmp_path, capsys):
     ref = tmp_path / "ref.pt"
     ref.write_bytes(b"never read")
     before = _snapshot(run, user_file, notes)
-    res = _cli(["--from", "safari-h3", str(ref), str(run), "--overwrite"], tmp_path, module="serengeti.convert")
+    res = run_subprocess("-m serengeti.convert", ["--from", "safari-h3", str(ref), str(run), "--overwrite"], tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert f"error: out_dir={run} is not an export written by serengeti (it holds '.hydra' and 3 more)" in res.stderr
     for out, expected in ((user_file, "(a file)"), (notes, "(it holds 'notes.log')"),

@@ -4,14 +4,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT
+from entry_runs import run_in_process
 from serengeti.io.atomic import atomic_write_text
 from serengeti.io.run_record import RECORD_FIELDS, RECORD_NAME
 from serengeti.report import ReportError, find_runs, group_runs, main, mean_curve, mean_std, report, select_runs
@@ -169,13 +167,11 @@ def test_embed_replaces_only_its_block(fake_multirun, tmp_path, capsys):
 def test_real_sweep_end_to_end(tmp_path):
     """train.py -m seed=1,2 (tiny, 4 steps) writes metrics.json per job; the report aggregates both."""
     sweep = tmp_path / "sweep"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
     args = ["-m", "seed=1,2", "dataset.num_examples=64", "dataset.num_test_examples=16", "dataset.batch_size=8",
             "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
             "trainer.enable_progress_bar=false", "~callbacks.rich_model_summary", "~callbacks.rich_progress_bar",
             "~callbacks.model_checkpoint", f"hydra.sweep.dir={sweep}"]
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = run_in_process("train.py", args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads((sweep / j / RECORD_NAME).read_text()) for j in ("0", "1")]
     for rec in records:

@@ -3,6 +3,9 @@
 The reference is an uninterrupted run with dropout on; a run killed at a step inside an epoch
 (or stopped by a signal) and resumed with ``ckpt_path=auto`` must end with bit-identical weights.
 10 batches per epoch; checkpoints every 7 steps land inside epochs, every 10 steps on boundaries.
+The killed and signalled runs are real processes; the uninterrupted references, the resumes and the runs that
+stop on their own run train.py in this process (``entry_runs.run_in_process``; the weights are bit-identical to
+a separate process's, and the comparison with the killed process's steps still crosses processes).
 """
 from __future__ import annotations
 
@@ -19,22 +22,23 @@ import pytest
 import torch
 
 from conftest import ROOT
+from entry_runs import ENV, run_in_process, run_subprocess, start_subprocess
 from serengeti.training.checkpoint_policy import first_non_finite
 
 RUN = ["trainer.max_steps=35", "dataset.num_examples=320", "dataset.num_test_examples=64", "logger=none",
        "trainer.enable_progress_bar=false", "callbacks.rich_model_summary=null", "test_after_fit=false",
        "model.embed_dropout=0.1", "model.resid_dropout=0.1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *extra],
-                          capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=600)
+    """``python train.py RUN ... extra``, run in this process (:func:`entry_runs.run_in_process`): the
+    uninterrupted references, the resumes and the runs that stop on their own."""
+    return run_in_process("train.py", [*RUN, f"hydra.run.dir={run_dir}", *extra])
 
 
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, f"hydra.run.dir={run_dir}", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    """``python train.py RUN ... extra`` in a new process, to be signalled or killed."""
+    return start_subprocess("train.py", [*RUN, f"hydra.run.dir={run_dir}", *extra])
 
 
 def _ckpt(path: Path) -> dict:
@@ -123,14 +127,14 @@ def test_ddp_sigterm_then_resume_is_bit_exact(tmp_path_factory):
     """2 processes (gloo): every rank stops at the signal's step; per-rank RNG states come back."""
     ref_dir, run_dir = tmp_path_factory.mktemp("ddp_ref"), tmp_path_factory.mktemp("ddp_run")
     extra = ["trainer=ddp_sim", "callbacks.model_checkpoint.every_n_train_steps=7"]
-    assert _train(ref_dir, *extra).returncode == 0
+    assert run_subprocess("train.py", [*RUN, f"hydra.run.dir={ref_dir}", *extra]).returncode == 0
     last = run_dir / "checkpoints" / "last.ckpt"
     proc = _start(run_dir, *extra)
     _wait_for_step(proc, last, 14)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM
-    r = _train(run_dir, *extra, "ckpt_path=auto")
+    r = run_subprocess("train.py", [*RUN, f"hydra.run.dir={run_dir}", *extra, "ckpt_path=auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert _weights_hash(last) == _weights_hash(ref_dir / "checkpoints" / "last.ckpt")
 
@@ -172,7 +176,8 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
         torch.save = dying_save
         atomic_save({{"step": 2, "w": torch.zeros(1000)}}, {str(path)!r})
     """)
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **ENV}, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == -signal.SIGKILL
     ckpt = _ckpt(path)
     assert ckpt["step"] == 1 and bool((ckpt["w"] == 1).all())
@@ -265,10 +270,9 @@ def test_resume_mid_epoch_with_another_batch_size_trains_every_sample_once(tmp_p
 
 def test_sigterm_during_the_test_exits_with_the_signal_and_says_what_finished(tmp_path):
     """Before: Lightning's handler took over after fit and the run exited 0 without metrics.json."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *RUN[:-1], f"hydra.run.dir={tmp_path}", "trainer.max_steps=4",
-           "dataset.num_examples=32", "dataset.num_test_examples=40000", "test_after_fit=true",
-           "trainer.limit_val_batches=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    proc = start_subprocess("train.py", [*RUN[:-1], f"hydra.run.dir={tmp_path}", "trainer.max_steps=4",
+                                         "dataset.num_examples=32", "dataset.num_test_examples=40000",
+                                         "test_after_fit=true", "trainer.limit_val_batches=1"])
     log, deadline = tmp_path / "train.log", time.time() + 300
     while not (log.is_file() and "Trainer.fit` stopped" in log.read_text()):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from entry_runs import run_in_process
 
 
 def test_threads_default_to_omp_num_threads_else_the_affinity_mask(monkeypatch):
@@ -66,8 +67,7 @@ def test_entry_scripts_set_the_wait_policy_before_torch_loads(script):
     assert res.stdout.split() == ["PASSIVE", "False"], res.stderr[-2000:]
 
 def test_bad_threads_is_a_one_line_config_error(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "threads=0", f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    res = run_in_process("train.py", ["threads=0", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1].startswith("config error: threads=0: expected an integer >= 1"), res.stderr[-2000:]
     assert "Traceback" not in res.stderr

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import MIXERS, ROOT, build_mixer, compose_cfg, tiny_overrides
+from entry_runs import run_subprocess
 from serengeti.errors import ConfigError
 from serengeti.training.global_batch import devices_per_node, global_batch_plan, world_size
 from serengeti.training.run import prepare, run
@@ -90,10 +88,11 @@ def _in_process(tmp_path: Path, name: str, overrides: list[str]) -> list[float]:
 def test_accumulation_and_two_processes_match_the_full_batch(tmp_path):
     full = _in_process(tmp_path, "full", ["dataset.batch_size=8"])
     accumulated = _in_process(tmp_path, "accumulate4", ["dataset.batch_size=2"])
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *EQUIVALENCE, "trainer=ddp_sim", "dataset.batch_size=2",
-                          f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # two real processes (gloo), which also test the fitted weights: the metrics are gathered from both ranks
+    res = run_subprocess("train.py", [*EQUIVALENCE, "trainer=ddp_sim", "dataset.batch_size=2", "test_after_fit=true",
+                                      f"hydra.run.dir={tmp_path / 'ddp'}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "test/accuracy" in res.stdout, res.stdout[-3000:]
     ddp = _trajectory(tmp_path / "ddp")
     assert len(full) == len(accumulated) == len(ddp) == STEPS
     assert full[0] > full[-1], "the loss falls over the steps (the comparison is not of constants)"

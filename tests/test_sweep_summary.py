@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from entry_runs import run_in_process
 from serengeti.training.sweep_summary import job_dirs, job_row, summary_table, varying_overrides, write_summary
 
 
@@ -58,12 +56,11 @@ def test_evaluate_py_flat_metrics_json(tmp_path):
 
 def test_multirun_survives_a_failed_job_and_exits_non_zero(tmp_path):
     """A diverging job is recorded as failed, the next job runs, the summary shows both, the exit status is 1."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1")
     sweep = tmp_path / "sweep"
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "optimizer.lr=1e6,1e-3", "trainer.max_steps=6",
-                          "threads=1", "logger=none", "dataset.num_examples=32", "dataset.num_test_examples=8",
-                          "dataset.batch_size=8", "trainer.enable_progress_bar=false", "~callbacks.rich_model_summary",
-                          f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = run_in_process("train.py", ["-m", "optimizer.lr=1e6,1e-3", "trainer.max_steps=6", "threads=1", "logger=none",
+                                      "dataset.num_examples=32", "dataset.num_test_examples=8", "dataset.batch_size=8",
+                                      "trainer.enable_progress_bar=false", "~callbacks.rich_model_summary",
+                                      f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert res.returncode == 1, res.stderr[-3000:]
     assert res.stderr.strip().splitlines()[-1] == f"error: 1 of 2 sweep jobs failed (job 0); see {sweep / 'summary.md'}"
     record = json.loads((sweep / "0" / "metrics.json").read_text())

@@ -1,16 +1,15 @@
 """End-to-end training: fast_dev_run, resume, config errors, multirun, DDP on 2 CPU processes."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import open_dict
 
-from conftest import ROOT, compose_cfg, tiny_overrides
+from conftest import compose_cfg, tiny_overrides
+from entry_runs import run_in_process, run_subprocess
 from serengeti.errors import ConfigError
 from serengeti.training.run import prepare, run
 
@@ -60,10 +59,9 @@ def test_invalid_shape_is_a_config_error(tmp_path):
         prepare(cfg)
 
 
-def _train_py(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0")
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def _train_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` in ``cwd``, run in this process (:func:`entry_runs.run_in_process`)."""
+    return run_in_process("train.py", args, cwd=cwd)
 
 
 def test_cli_config_error_leaves_no_output_dir(tmp_path):
@@ -83,10 +81,11 @@ def test_cli_multirun_one_dir_per_job(tmp_path):
     assert jobs == ["0", "1"]
 
 
+@pytest.mark.slow  # default runs: test_scale.py::test_accumulation_and_two_processes_match_the_full_batch
 def test_ddp_two_cpu_processes(tmp_path):
-    res = _train_py(["trainer=ddp_sim", "logger=none", "dataset.num_examples=64", "dataset.num_test_examples=16",
+    res = run_subprocess("train.py", ["trainer=ddp_sim", "logger=none", "dataset.num_examples=64", "dataset.num_test_examples=16",
                      "dataset.batch_size=8", "trainer.max_steps=3", "trainer.enable_progress_bar=false",
-                     "~callbacks.rich_model_summary", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=300)
+                     "~callbacks.rich_model_summary", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "test/accuracy" in res.stdout
 
@@ -96,11 +95,9 @@ def test_ddp_two_cpu_processes(tmp_path):
     ("model=nope", "config error: In 'train': Could not find 'model/nope'; Available options in 'model': base; h3;"),
 ])
 def test_hydra_composition_errors_are_one_line(tmp_path, override, expected):
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), override, f"hydra.run.dir={tmp_path / 'run'}"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    """A real ``python train.py`` (stops before the heavy imports)."""
+    r = run_subprocess("train.py", [override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                       env={"HYDRA_FULL_ERROR": None})
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(expected), r.stderr
     assert not (tmp_path / "run").exists()
