@@ -1,6 +1,7 @@
 """Shared fixtures: compose the real configs with Hydra's compose API, tiny and on CPU."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -17,17 +18,36 @@ from omegaconf import open_dict
 
 import serengeti  # noqa: F401  (registers the ${serengeti.*} resolvers the configs use)
 from serengeti.config_catalog import mixer_names, mixer_overrides as _mixer_overrides
+from serengeti.runtime import available_cpus
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist workers share the CPUs: each gets its part
+    _threads = max(1, available_cpus() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # and so do the processes the tests start
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 SHARED_DATA = Path(os.environ.get("SERENGETI_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+_COMPOSED: dict[tuple, object] = {}
+
+
+def _compose(config_name: str, overrides: list[str], config_dir: str | Path):
+    """Hydra's compose of ``config_name`` in ``config_dir``; each test gets its own copy of a config composed once
+    per session for the same files and overrides (composing takes 0.1-0.4 s, and many tests compose the same)."""
+    yamls = [p.stat() for p in Path(config_dir).rglob("*.yaml")]
+    key = (str(config_dir), config_name, tuple(overrides), len(yamls), max(s.st_mtime_ns for s in yamls))
+    if key not in _COMPOSED:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            _COMPOSED[key] = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
+    return copy.deepcopy(_COMPOSED[key])
+
+
 def compose_cfg(overrides: list[str] | None = None, output_dir: str | Path | None = None, config_dir: str | Path = CONFIG_DIR):
     """Compose ``train.yaml`` (of ``config_dir``) with overrides; ``paths.output_dir`` points at ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides or []), return_hydra_config=False)
+    cfg = _compose("train", list(overrides or []), config_dir)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir) if output_dir is not None else "/tmp/serengeti-test-unused"
     return cfg
@@ -44,9 +64,7 @@ def mixer_overrides(name: str) -> list[str]:
 
 def compose_eval_cfg(overrides: list[str], output_dir: str | Path):
     """Compose ``evaluate.yaml`` with overrides; ``paths.output_dir`` points at ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=list(overrides))
+    cfg = _compose("evaluate", list(overrides), CONFIG_DIR)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
@@ -102,6 +120,17 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "~callbacks.rich_model_summary",
         "~callbacks.rich_progress_bar",
     ]
+
+
+#: the files that take longest (real train.py processes, many compositions), run first: pytest-xdist hands out
+#: whole files in collection order, and one of these handed out last would leave one worker running it alone
+LONG_FILES_FIRST = ("test_resume.py", "test_scale.py", "test_bad_inputs.py", "test_configs.py", "test_progress.py",
+                    "test_hf.py", "test_no_data_loss.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from entry_runs import run_in_process
 
 SCRIPT = str(ROOT / "benchmarks" / "gpu_check.py")
 
@@ -26,7 +27,7 @@ def test_refuses_in_one_line_without_cuda(tmp_path):
 
 
 def test_dry_run_lists_every_check():
-    res = _run("--dry-run")
+    res = run_in_process("benchmarks/gpu_check.py", ["--dry-run"])  # the refusal above runs a real interpreter
     assert res.returncode == 0, res.stderr
     lines = res.stdout.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["train", "attention", "distributed", "speed", "throughput"]
