@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 # As the entry scripts do (serengeti.runtime.use_passive_omp_wait), before torch loads: idle OpenMP
@@ -131,6 +132,13 @@ LONG_FILES_FIRST = ("test_resume.py", "test_scale.py", "test_bad_inputs.py", "te
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_sessionfinish(session):
+    """Stop the fork server of ``entry_runs.start_forked`` (pytest-xdist workers end without atexit)."""
+    entry_runs = sys.modules.get("entry_runs")
+    if entry_runs is not None:
+        entry_runs.stop_fork_server()
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,17 @@ logging, Hydra's global state).
 :func:`run_subprocess` starts a real interpreter: for what only a separate process shows (signals, a killed
 process, DDP spawning, variables read at interpreter start, a real pipe or log file). Each entry point keeps at
 least one such test.
+
+:func:`start_forked` runs a command line in a separate process forked from a server that has imported torch,
+Lightning and Hydra once (``multiprocessing``'s fork server, single-threaded when it forks): a real process to
+signal or kill, with its own exit status and stderr, without a new interpreter's imports each time.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import multiprocessing
 import os
 import runpy
 import signal
@@ -61,6 +67,112 @@ def start_subprocess(script: str, args: list[str], cwd: str | os.PathLike = ROOT
     """:func:`run_subprocess` without waiting: a ``Popen`` with stderr piped (text), e.g. to send it a signal."""
     return subprocess.Popen(_command(script, args), cwd=cwd, env=_environment(env), stdout=stdout,
                             stderr=subprocess.PIPE, text=True)
+
+
+class ForkedRun:
+    """The part of ``subprocess.Popen`` the tests use, for a run started by :func:`start_forked`."""
+
+    def __init__(self, process: multiprocessing.Process, stderr_path: str) -> None:
+        self._process, self._stderr_path = process, stderr_path
+        self.pid = process.pid
+        self.stderr = open(stderr_path)  # read by the test while and after the run writes it
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status; ``-N`` for a process killed by signal ``N``; None while it runs."""
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(f"forked run {self.pid}", timeout)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._stderr_path)  # the open handle still reads it
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[None, str]:
+        self.wait(timeout)
+        return None, self.stderr.read()
+
+
+def _forked_main(stderr_path: str, function, *args) -> None:
+    """In the forked child: stdout to /dev/null, stderr to ``stderr_path``, ``function(*args)``, then what an
+    interpreter runs at exit (the fork server's children end in ``os._exit``)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_APPEND), 2)
+    try:
+        function(*args)
+    except SystemExit:
+        raise
+    except BaseException:  # noqa: BLE001  (the interpreter prints it and exits 1)
+        traceback.print_exc()
+        raise SystemExit(1) from None
+    finally:
+        atexit._run_exitfuncs()
+
+
+def _run_script(script: str, args: list[str], cwd: str, environment: dict[str, str]) -> None:
+    """``python SCRIPT ARGS`` (or ``-m MODULE``) in ``cwd`` with exactly ``environment``, in this process."""
+    os.environ.clear()
+    os.environ.update(environment)
+    os.chdir(cwd)
+    if script.startswith("-m "):
+        sys.argv = [script[3:], *args]
+        runpy.run_module(script[3:], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = _command(script, args)[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def _fork_server() -> multiprocessing.context.BaseContext:
+    """``multiprocessing``'s fork-server context, its server started once per test process with the entry
+    scripts' imports done and one thread per library (nothing multi-threaded is forked)."""
+    from multiprocessing import forkserver
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["hydra", "serengeti.training.run"])
+    if forkserver._forkserver._forkserver_pid is None:
+        saved = dict(os.environ)
+        os.environ.update({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        atexit.register(stop_fork_server)
+    return ctx
+
+
+def stop_fork_server() -> None:
+    """Stop the fork server, if one runs, and wait for it (so its CPU time is counted as this process's)."""
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()
+
+
+def fork_call(function, *args) -> ForkedRun:
+    """``function(*args)`` (picklable: defined at a module's top level) in a new process forked from the fork
+    server: a :class:`ForkedRun` to signal, kill, wait for and read stderr from."""
+    fd, stderr_path = tempfile.mkstemp(prefix="forked-stderr-")
+    os.close(fd)
+    process = _fork_server().Process(target=_forked_main, args=(stderr_path, function, *args))
+    process.start()
+    return ForkedRun(process, stderr_path)
+
+
+def start_forked(script: str, args: list[str], cwd: str | os.PathLike = ROOT, env: dict | None = None) -> ForkedRun:
+    """``python SCRIPT ARGS`` (or ``-m MODULE``) with :func:`_environment` of ``env``, in a new process forked
+    from the fork server. Torch, Lightning and Hydra are imported before the script runs (a new interpreter
+    imports Lightning only in the script's main, after Hydra has set up logging, so Lightning's messages reach
+    the run's log there and stderr here): a test of the run's log, of import order or of interpreter start
+    needs :func:`run_subprocess`."""
+    return fork_call(_run_script, script, list(args), str(cwd), _environment(env))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

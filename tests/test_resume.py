@@ -3,7 +3,8 @@
 The reference is an uninterrupted run with dropout on; a run killed at a step inside an epoch
 (or stopped by a signal) and resumed with ``ckpt_path=auto`` must end with bit-identical weights.
 10 batches per epoch; checkpoints every 7 steps land inside epochs, every 10 steps on boundaries.
-The killed and signalled runs are real processes; the uninterrupted references, the resumes and the runs that
+The killed and signalled runs are separate processes (most forked from a server that has imported torch,
+Lightning and Hydra once: ``entry_runs.start_forked``); the uninterrupted references, the resumes and the runs that
 stop on their own run train.py in this process (``entry_runs.run_in_process``; the weights are bit-identical to
 a separate process's, and the comparison with the killed process's steps still crosses processes).
 """
@@ -13,16 +14,13 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
-from entry_runs import ENV, run_in_process, run_subprocess, start_subprocess
+from entry_runs import ForkedRun, fork_call, run_in_process, run_subprocess, start_forked, start_subprocess
 from serengeti.training.checkpoint_policy import first_non_finite
 
 RUN = ["trainer.max_steps=35", "dataset.num_examples=320", "dataset.num_test_examples=64", "logger=none",
@@ -36,9 +34,10 @@ def _train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_in_process("train.py", [*RUN, f"hydra.run.dir={run_dir}", *extra])
 
 
-def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
-    """``python train.py RUN ... extra`` in a new process, to be signalled or killed."""
-    return start_subprocess("train.py", [*RUN, f"hydra.run.dir={run_dir}", *extra])
+def _start(run_dir: Path, *extra: str) -> ForkedRun:
+    """``python train.py RUN ... extra`` in a separate process (forked from a server that has done the imports:
+    :func:`entry_runs.start_forked`), to be signalled or killed."""
+    return start_forked("train.py", [*RUN, f"hydra.run.dir={run_dir}", *extra])
 
 
 def _ckpt(path: Path) -> dict:
@@ -50,7 +49,7 @@ def _weights_hash(path: Path) -> str:
     return hashlib.sha256(b"".join(k.encode() + v.numpy().tobytes() for k, v in sorted(sd.items()))).hexdigest()
 
 
-def _wait_for_step(proc: subprocess.Popen, last: Path, step: int) -> None:
+def _wait_for_step(proc: ForkedRun | subprocess.Popen, last: Path, step: int) -> None:
     """Poll ``last.ckpt`` (replaced atomically, so always readable) until it reaches ``step``."""
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -129,7 +128,7 @@ def test_ddp_sigterm_then_resume_is_bit_exact(tmp_path_factory):
     extra = ["trainer=ddp_sim", "callbacks.model_checkpoint.every_n_train_steps=7"]
     assert run_subprocess("train.py", [*RUN, f"hydra.run.dir={ref_dir}", *extra]).returncode == 0
     last = run_dir / "checkpoints" / "last.ckpt"
-    proc = _start(run_dir, *extra)
+    proc = start_subprocess("train.py", [*RUN, f"hydra.run.dir={run_dir}", *extra])  # a new interpreter spawns DDP
     _wait_for_step(proc, last, 14)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
@@ -162,23 +161,26 @@ def test_nonfinite_skip_policy_counts_and_finishes(tmp_path):
     assert 0 < skipped <= 12
 
 
+def _save_then_die_while_saving(path: str) -> None:
+    """In a separate process: one good ``atomic_save``, then one that the power cuts half-way through."""
+    from serengeti.training.checkpoint_policy import atomic_save
+
+    atomic_save({"step": 1, "w": torch.ones(1000)}, path)
+
+    def dying_save(obj, f):
+        f.write(b"PK" + b"x" * 1000)  # a partial zip, then the power goes
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = dying_save
+    atomic_save({"step": 2, "w": torch.zeros(1000)}, path)
+
+
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path):
     """SIGKILL the writer half-way through ``torch.save``; the old file must load unchanged."""
     path = tmp_path / "last.ckpt"
-    script = textwrap.dedent(f"""
-        import os, signal, torch
-        from serengeti.training.checkpoint_policy import atomic_save
-        atomic_save({{"step": 1, "w": torch.ones(1000)}}, {str(path)!r})
-        def dying_save(obj, f):
-            f.write(b"PK" + b"x" * 1000)  # a partial zip, then the power goes
-            f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        torch.save = dying_save
-        atomic_save({{"step": 2, "w": torch.zeros(1000)}}, {str(path)!r})
-    """)
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, **ENV}, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == -signal.SIGKILL
+    writer = fork_call(_save_then_die_while_saving, str(path))
+    assert writer.wait(timeout=120) == -signal.SIGKILL, writer.stderr.read()[-2000:]
     ckpt = _ckpt(path)
     assert ckpt["step"] == 1 and bool((ckpt["w"] == 1).all())
     from serengeti.training.checkpoint_policy import atomic_save
@@ -270,6 +272,7 @@ def test_resume_mid_epoch_with_another_batch_size_trains_every_sample_once(tmp_p
 
 def test_sigterm_during_the_test_exits_with_the_signal_and_says_what_finished(tmp_path):
     """Before: Lightning's handler took over after fit and the run exited 0 without metrics.json."""
+    # a new interpreter: Lightning's "fit stopped" reaches train.log only when imported after Hydra's logging setup
     proc = start_subprocess("train.py", [*RUN[:-1], f"hydra.run.dir={tmp_path}", "trainer.max_steps=4",
                                          "dataset.num_examples=32", "dataset.num_test_examples=40000",
                                          "test_after_fit=true", "trainer.limit_val_batches=1"])
