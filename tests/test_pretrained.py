@@ -62,9 +62,30 @@ def export_tiny(tmp: Path, kind: str) -> tuple[dict, Path, dict]:
     return metrics, export(ckpt, tmp / f"export_{kind}"), cfg
 
 
+def shared_export(tmp_path_factory: pytest.TempPathFactory, kind: str) -> tuple[dict, Path, dict]:
+    """:func:`export_tiny` once per test run for ``kind``, shared by this file, tests/test_lm_eval_adapter.py and
+    the pytest-xdist workers (their common temporary directory; the first trains under a file lock, the others
+    read what it wrote). The export is read-only for the tests: copy it to change it."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the base the workers' own directories are in
+    done = root / f"tiny_export_{kind}.json"
+    with open(root / f"tiny_export_{kind}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            (root / f"tiny_export_{kind}").mkdir()
+            metrics, export_dir, cfg = export_tiny(root / f"tiny_export_{kind}", kind)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            done.write_text(json.dumps({"metrics": metrics, "export_dir": str(export_dir), "cfg": cfg}))
+    saved = json.loads(done.read_text())
+    return saved["metrics"], Path(saved["export_dir"]), saved["cfg"]
+
+
 @pytest.fixture(scope="module", params=["bpe", "char"])
 def exported(request, tmp_path_factory):
-    return (request.param, *export_tiny(tmp_path_factory.mktemp(request.param), request.param))
+    return (request.param, *shared_export(tmp_path_factory, request.param))
 
 
 def _val_perplexity(model, cfg: dict) -> float:
