@@ -208,14 +208,14 @@ def test_old_exports_and_training_checkpoints_load(tmp_path):
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "re-export")(ids).logits, ref(ids)[..., :V])
 
 
-def test_a_checkpoint_from_training_round_trips(tmp_path):
+def test_a_checkpoint_from_training_round_trips(tmp_path, tmp_path_factory):
     """A last.ckpt written by train.py (Tiny Shakespeare, characters), directly and through its export."""
-    from test_pretrained import train_tiny
+    from test_pretrained import shared_run
 
     from serengeti import load_tokenizer
     from serengeti.models.pretrained import export
 
-    _, ckpt, _ = train_tiny(tmp_path, "char")
+    ckpt = shared_run(tmp_path_factory, "char")["ckpt"]
     ref = LMHeadModel.from_pretrained(ckpt)
     out = export(ckpt, tmp_path / "export")
     tok, hf_tok = load_tokenizer(ckpt), AutoTokenizer.from_pretrained(out)

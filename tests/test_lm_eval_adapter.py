@@ -289,12 +289,12 @@ def expected_metrics(model, tok, prefix_id: int) -> dict[str, float]:
 @pytest.fixture(scope="module", params=["bpe", "char"])
 def exported_with_tasks(request, tmp_path_factory):
     pytest.importorskip("lm_eval", reason='lm_eval is not installed: pip install -e ".[eval]"')
-    from test_pretrained import shared_export
+    from test_pretrained import shared_run
 
     from serengeti import LMHeadModel, load_tokenizer
 
     tmp = tmp_path_factory.mktemp(f"lm_eval_{request.param}")
-    _, export_dir, _ = shared_export(tmp_path_factory, request.param)
+    export_dir = shared_run(tmp_path_factory, request.param)["export_dir"]
     model, tok = LMHeadModel.from_pretrained(export_dir), load_tokenizer(export_dir)
     prefix = tok.eos_id if request.param == "bpe" else tok.encode_batch(["\n"])[0][0]
     assert (tok.eos_id is None) == (request.param == "char"), "Tiny Shakespeare's char vocabulary has no end-of-text"

@@ -1,8 +1,8 @@
 """Hugging Face-style loading: LMHeadModel.from_pretrained / save_pretrained, serengeti.load_tokenizer.
 
 Tiny BPE (GPT-2 tokenizer, WikiText-2 text) and char (Tiny Shakespeare) models are trained for a
-few steps from ../shared/data; the tests skip when it is absent. The builders are shared with
-tests/test_lm_eval_adapter.py.
+few steps from ../shared/data; the tests skip when it is absent. The runs (:func:`shared_run`) are shared with
+tests/test_lm_eval_adapter.py and tests/test_hf.py.
 """
 from __future__ import annotations
 
@@ -54,19 +54,14 @@ def train_tiny(tmp: Path, kind: str) -> tuple[dict, Path, dict]:
     return metrics, tmp / "run" / "checkpoints" / "last.ckpt", OmegaConf.to_container(cfg, resolve=True)
 
 
-def export_tiny(tmp: Path, kind: str) -> tuple[dict, Path, dict]:
-    """:func:`train_tiny`, then ``evaluate.py task=export``; the export directory replaces the ckpt."""
-    from serengeti.models.pretrained import export
-
-    metrics, ckpt, cfg = train_tiny(tmp, kind)
-    return metrics, export(ckpt, tmp / f"export_{kind}"), cfg
-
-
-def shared_export(tmp_path_factory: pytest.TempPathFactory, kind: str) -> tuple[dict, Path, dict]:
-    """:func:`export_tiny` once per test run for ``kind``, shared by this file, tests/test_lm_eval_adapter.py and
-    the pytest-xdist workers (their common temporary directory; the first trains under a file lock, the others
-    read what it wrote). The export is read-only for the tests: copy it to change it."""
+def shared_run(tmp_path_factory: pytest.TempPathFactory, kind: str) -> dict:
+    """:func:`train_tiny` and ``evaluate.py task=export`` once per test run for ``kind``:
+    ``{"metrics", "ckpt", "export_dir", "cfg"}``, shared by the test files and the pytest-xdist workers that ask for
+    it (in the workers' common temporary directory: the first trains under a file lock, the others read what it
+    wrote). Read-only for the tests: copy to change."""
     import fcntl
+
+    from serengeti.models.pretrained import export
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -76,16 +71,18 @@ def shared_export(tmp_path_factory: pytest.TempPathFactory, kind: str) -> tuple[
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.is_file():
             (root / f"tiny_export_{kind}").mkdir()
-            metrics, export_dir, cfg = export_tiny(root / f"tiny_export_{kind}", kind)
-            metrics = {k: float(v) for k, v in metrics.items()}
-            done.write_text(json.dumps({"metrics": metrics, "export_dir": str(export_dir), "cfg": cfg}))
+            metrics, ckpt, cfg = train_tiny(root / f"tiny_export_{kind}", kind)
+            export_dir = export(ckpt, root / f"tiny_export_{kind}" / f"export_{kind}")
+            done.write_text(json.dumps({"metrics": {k: float(v) for k, v in metrics.items()}, "ckpt": str(ckpt),
+                                        "export_dir": str(export_dir), "cfg": cfg}))
     saved = json.loads(done.read_text())
-    return saved["metrics"], Path(saved["export_dir"]), saved["cfg"]
+    return {**saved, "ckpt": Path(saved["ckpt"]), "export_dir": Path(saved["export_dir"])}
 
 
 @pytest.fixture(scope="module", params=["bpe", "char"])
 def exported(request, tmp_path_factory):
-    return (request.param, *shared_export(tmp_path_factory, request.param))
+    run = shared_run(tmp_path_factory, request.param)
+    return request.param, run["metrics"], run["export_dir"], run["cfg"]
 
 
 def _val_perplexity(model, cfg: dict) -> float:
@@ -116,11 +113,10 @@ def test_round_trip_reproduces_the_logged_perplexity(exported, tmp_path):
     assert tok.vocab_size <= model.vocab_size
 
 
-def test_load_tokenizer_of_a_training_checkpoint(tmp_path):
+def test_load_tokenizer_of_a_training_checkpoint(tmp_path_factory):
     from serengeti import load_tokenizer
 
-    _, ckpt, _ = train_tiny(tmp_path, "char")
-    tok = load_tokenizer(ckpt)
+    tok = load_tokenizer(shared_run(tmp_path_factory, "char")["ckpt"])
     assert tok.decode(tok.encode_batch(["First Citizen:"])[0]) == "First Citizen:"
 
 
