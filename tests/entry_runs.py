@@ -72,8 +72,8 @@ def start_subprocess(script: str, args: list[str], cwd: str | os.PathLike = ROOT
 class ForkedRun:
     """The part of ``subprocess.Popen`` the tests use, for a run started by :func:`start_forked`."""
 
-    def __init__(self, process: multiprocessing.Process, stderr_path: str) -> None:
-        self._process, self._stderr_path = process, stderr_path
+    def __init__(self, process: multiprocessing.Process, stderr_path: str, remove_stderr: bool = True) -> None:
+        self._process, self._stderr_path, self._remove_stderr = process, stderr_path, remove_stderr
         self.pid = process.pid
         self.stderr = open(stderr_path)  # read by the test while and after the run writes it
 
@@ -92,8 +92,9 @@ class ForkedRun:
         self._process.join(timeout)
         if self.returncode is None:
             raise subprocess.TimeoutExpired(f"forked run {self.pid}", timeout)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._stderr_path)  # the open handle still reads it
+        if self._remove_stderr:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._stderr_path)  # the open handle still reads it
         return self.returncode
 
     def communicate(self, timeout: float | None = None) -> tuple[None, str]:
@@ -101,10 +102,10 @@ class ForkedRun:
         return None, self.stderr.read()
 
 
-def _forked_main(stderr_path: str, function, *args) -> None:
-    """In the forked child: stdout to /dev/null, stderr to ``stderr_path``, ``function(*args)``, then what an
-    interpreter runs at exit (the fork server's children end in ``os._exit``)."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+def _forked_main(stdout_path: str, stderr_path: str, function, *args) -> None:
+    """In the forked child: stdout to ``stdout_path``, stderr to ``stderr_path`` (both appended),
+    ``function(*args)``, then what an interpreter runs at exit (the fork server's children end in ``os._exit``)."""
+    os.dup2(os.open(stdout_path, os.O_WRONLY | os.O_APPEND), 1)
     os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_APPEND), 2)
     try:
         function(*args)
@@ -156,23 +157,30 @@ def stop_fork_server() -> None:
     forkserver._forkserver._stop()
 
 
-def fork_call(function, *args) -> ForkedRun:
+def fork_call(function, *args, output: str | os.PathLike | None = None) -> ForkedRun:
     """``function(*args)`` (picklable: defined at a module's top level) in a new process forked from the fork
-    server: a :class:`ForkedRun` to signal, kill, wait for and read stderr from."""
-    fd, stderr_path = tempfile.mkstemp(prefix="forked-stderr-")
-    os.close(fd)
-    process = _fork_server().Process(target=_forked_main, args=(stderr_path, function, *args))
+    server: a :class:`ForkedRun` to signal, kill, wait for and read stderr from. Stdout goes to /dev/null; with
+    ``output``, stdout and stderr both go to that file (``> output 2>&1``), which is kept."""
+    if output is None:
+        fd, stderr_path = tempfile.mkstemp(prefix="forked-stderr-")
+        os.close(fd)
+        stdout_path = os.devnull
+    else:
+        Path(output).touch()
+        stdout_path = stderr_path = str(output)
+    process = _fork_server().Process(target=_forked_main, args=(stdout_path, stderr_path, function, *args))
     process.start()
-    return ForkedRun(process, stderr_path)
+    return ForkedRun(process, stderr_path, remove_stderr=output is None)
 
 
-def start_forked(script: str, args: list[str], cwd: str | os.PathLike = ROOT, env: dict | None = None) -> ForkedRun:
+def start_forked(script: str, args: list[str], cwd: str | os.PathLike = ROOT, env: dict | None = None,
+                 output: str | os.PathLike | None = None) -> ForkedRun:
     """``python SCRIPT ARGS`` (or ``-m MODULE``) with :func:`_environment` of ``env``, in a new process forked
     from the fork server. Torch, Lightning and Hydra are imported before the script runs (a new interpreter
     imports Lightning only in the script's main, after Hydra has set up logging, so Lightning's messages reach
     the run's log there and stderr here): a test of the run's log, of import order or of interpreter start
-    needs :func:`run_subprocess`."""
-    return fork_call(_run_script, script, list(args), str(cwd), _environment(env))
+    needs :func:`run_subprocess`. ``output``: as :func:`fork_call`'s (a log file instead of a terminal)."""
+    return fork_call(_run_script, script, list(args), str(cwd), _environment(env), output=output)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

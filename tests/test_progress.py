@@ -1,8 +1,6 @@
 """The progress display (serengeti.training.callbacks.progress): the step bar on a terminal, plain lines in a log."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -10,7 +8,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import ROOT, compose_cfg
+from conftest import compose_cfg
+from entry_runs import start_forked
 from serengeti.training.callbacks.progress import LogProgress, StepProgressBar, format_duration, progress_bar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,16 +112,14 @@ def test_log_progress_rejects_bad_intervals():
 
 
 def test_train_under_nohup_prints_progress_lines_into_the_log(tmp_path):
-    """stdout redirected to a file: training and test batches print plain lines while they run."""
+    """stdout and stderr redirected to a file (``nohup python train.py ... > log 2>&1``; a process forked from a
+    server that has done the imports): training and test batches print plain lines while they run."""
     log = tmp_path / "log"
-    cmd = [sys.executable, str(ROOT / "train.py"), "threads=1", "logger=none", "dataset.num_examples=64",
-           "dataset.num_test_examples=32", "dataset.batch_size=8", "trainer.max_steps=4",
-           "callbacks.rich_progress_bar.every_n_steps=2", "~callbacks.rich_model_summary",
-           f"hydra.run.dir={tmp_path / 'run'}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as fh:
-        subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env,
-                       check=True, timeout=300)
+    proc = start_forked("train.py", ["threads=1", "logger=none", "dataset.num_examples=64", "dataset.num_test_examples=32",
+                                     "dataset.batch_size=8", "trainer.max_steps=4",
+                                     "callbacks.rich_progress_bar.every_n_steps=2", "~callbacks.rich_model_summary",
+                                     f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, output=log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     text = log.read_text()
     assert "[progress] train step 2/4 (50%) | loss " in text and "[progress] train step 4/4 (100%)" in text
     assert "[progress] test batch 4/4 (100%)" in text
