@@ -218,3 +218,41 @@ def test_curve_edges_file_name_refusal_legend_and_log_axis(fake_multirun, tmp_pa
     assert _label(["optimizer.lr", "model.mixer._target_"], (0.0005, "serengeti.mixers.Hyena")) == \
         "optimizer.lr=5e-4, model.mixer._target_=Hyena"
     assert log_scale([1e-4, 3e-4, 1e-2]) and not log_scale([10, 20]) and not log_scale(["a", "b"])
+
+
+def _lr_run(path: Path, mixer: str, d: int, lr: float, seed: int, metric: dict) -> None:
+    path.mkdir(parents=True)
+    cfg = {"seed": seed, "model": {"d_model": d, "mixer": {"_target_": f"serengeti.mixers.{mixer}"}}, "optimizer": {"lr": lr}}
+    OmegaConf.save(OmegaConf.create(cfg), path / "config_resolved.yaml")
+    record = {"metrics": metric, "steps": 100, "wall_s": 1.0, "cpu_s": 1.0, "n_params": 10}
+    atomic_write_text(path / RECORD_NAME, json.dumps(record))
+
+
+def test_best_of_keeps_the_best_lr_per_cell(tmp_path, capsys):
+    """zoology's protocol: per (mixer, d_model), the lr with the best mean accuracy; ties to the smaller lr;
+    a loss picks the minimum; a cell whose runs all failed keeps them (listed as failed)."""
+    acc = {("Hyena", 32, 1e-3): [0.2, 0.4], ("Hyena", 32, 3e-3): [0.9, 0.5],   # means 0.3 vs 0.7 -> 3e-3
+           ("Hyena", 64, 1e-3): [0.8], ("Hyena", 64, 3e-3): [0.8],             # tie -> 1e-3
+           ("H3", 32, 1e-3): [0.6], ("H3", 32, 3e-3): [0.1]}                   # -> 1e-3
+    i = 0
+    for (mixer, d, lr), values in acc.items():
+        for seed, a in enumerate(values, 1):
+            _lr_run(tmp_path / "runs" / str(i), mixer, d, lr, seed, {"test/accuracy": a, "test/loss": 1 - a})
+            i += 1
+    _lr_run(tmp_path / "runs" / "f", "H3", 64, 1e-3, 1, {})
+    record = json.loads((tmp_path / "runs" / "f" / RECORD_NAME).read_text())
+    atomic_write_text(tmp_path / "runs" / "f" / RECORD_NAME, json.dumps({**record, "status": "failed", "reason": "diverged"}))
+    by = ["model.mixer._target_", "model.d_model"]
+    written = report([tmp_path / "runs"], by[:1], "test/accuracy", tmp_path / "out", x="model.d_model", best="optimizer.lr")
+    table = written["table"].read_text().splitlines()
+    assert table[0].startswith("| model.mixer._target_ | model.d_model | optimizer.lr (best) | test/accuracy (mean ± std) | n | failed |")
+    assert [row.split(" | ")[:4] for row in table[2:6]] == [
+        ["| H3", "32", "0.001", "0.6"], ["| H3", "64", "0.001", "–"], ["| Hyena", "32", "0.003", "0.7 ± 0.28"],
+        ["| Hyena", "64", "0.001", "0.8"]]
+    assert any("diverged" in line for line in table)
+    assert written["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    losses = report([tmp_path / "runs"], by, "test/loss", tmp_path / "out2", best="optimizer.lr")["table"].read_text()
+    assert "| Hyena | 32 | 0.003 | 0.3 ± 0.28 |" in losses  # min loss = max accuracy
+    assert main([str(tmp_path / "runs"), "--by", "optimizer.lr", "--best-of", "optimizer.lr", "--metric",
+                 "test/accuracy", "--out", str(tmp_path / "o3")]) == 2
+    assert "--best-of optimizer.lr is also in --by" in capsys.readouterr().err

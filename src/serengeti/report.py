@@ -1,7 +1,8 @@
 """Aggregate finished runs into a Markdown table and matplotlib figures.
 
     python -m serengeti.report RUN_OR_MULTIRUN_DIR... --by model.mixer._target_,dataset.vocab_size \\
-        --metric test/accuracy [--x dataset.vocab_size] [--curve val/loss] [--ref 1.88:nanoGPT] --out DIR [--name NAME]
+        --metric test/accuracy [--x dataset.vocab_size] [--best-of optimizer.lr] [--curve val/loss] \\
+        [--ref 1.88:nanoGPT] --out DIR [--name NAME]
 
 Every directory below the given ones that holds a ``metrics.json`` (see :mod:`serengeti.io.run_record`)
 is one run. Its config is read from ``config_resolved.yaml`` beside it (the values the run used,
@@ -28,6 +29,12 @@ Writes into ``--out``:
 
 ``--where KEY=VALUE`` (repeatable) keeps only the runs whose config has that value at ``KEY`` (compared
 as text, e.g. ``--where dataset.vocab_size=20``).
+
+``--best-of KEY`` (e.g. ``optimizer.lr``) is zoology's protocol for a hyperparameter sweep: in each group of
+the ``--by`` (and ``--x``) keys, only the runs at the value of ``KEY`` with the best mean metric are kept
+(``--goal max``, the default, or ``min``; the default is ``min`` for a metric named like a loss,
+perplexity or error). The table shows the chosen value in a ``KEY (best)`` column, and the plot has one
+line per group of the other keys. Ties go to the smaller value; a group whose runs all failed keeps them.
 
 ``--ref VALUE[:LABEL]`` draws an external number (e.g. ``1.88:nanoGPT``) as a dashed line on the
 metric's plots.
@@ -172,6 +179,25 @@ def select_runs(runs: Sequence[Run], where: Sequence[str]) -> list[Run]:
     return kept
 
 
+def best_of(runs: Sequence[Run], by: Sequence[str], key: str, metric: str, goal: str = "max") -> list[Run]:
+    """For each group of the ``by`` keys, the runs at the value of ``key`` whose mean ``metric`` over its
+    completed runs is the best (``goal``: ``max`` or ``min``; ties go to the first value in sorted order).
+    A group in which no run has the metric (all failed) is kept whole, so that its failures are reported."""
+    if goal not in ("max", "min"):
+        raise ReportError(f"--goal expects max or min, got {goal!r}")
+    pick = max if goal == "max" else min
+    kept: list[Run] = []
+    for group in group_runs(runs, by):
+        options = [o for o in group_runs(group.runs, [key]) if o.values(metric)]
+        kept += pick(options, key=lambda o: mean_std(o.values(metric))[0]).runs if options else group.runs
+    return kept
+
+
+def default_goal(metric: str) -> str:
+    """``min`` for a metric named like a loss, perplexity or error rate, else ``max``."""
+    return "min" if re.search(r"loss|perplexity|ppl|err|bpb|bpc", metric, re.IGNORECASE) else "max"
+
+
 def group_runs(runs: Sequence[Run], by: Sequence[str]) -> list[Group]:
     """Groups in order of their key values (numbers numerically, the rest as text)."""
     groups: dict[tuple, Group] = {}
@@ -199,13 +225,14 @@ def _fmt(x: float, digits: int = 4) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:.{digits}g}"
 
 
-def markdown_table(groups: Sequence[Group], by: Sequence[str], metric: str) -> str:
+def markdown_table(groups: Sequence[Group], by: Sequence[str], metric: str, best: str | None = None) -> str:
     """One row per group: the ``by`` values, metric mean ± std, n, mean steps / params (/ state) / wall / CPU s
     over the completed runs; ``state`` when any run records a ``state_size``; when any run failed, a ``failed``
-    column and one line per failed run below the table."""
+    column and one line per failed run below the table. ``best`` names the last ``by`` key as the one
+    chosen by :func:`best_of` (its header reads ``KEY (best)``)."""
     any_failed = any(g.failed for g in groups)
     any_state = any(r.record.get("state_size") is not None for g in groups for r in g.completed)
-    head = [*by, f"{metric} (mean ± std)", "n", *(["failed"] if any_failed else []), "steps", "params",
+    head = [*(f"{k} (best)" if k == best else k for k in by), f"{metric} (mean ± std)", "n", *(["failed"] if any_failed else []), "steps", "params",
             *(["state"] if any_state else []), "wall s", "CPU s"]
     numeric = 6 + int(any_failed) + int(any_state)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(by) + [" ---: "] * numeric) + "|"]
@@ -349,24 +376,30 @@ def _finish(fig, ax, metric: str, ref: tuple[float, str] | None, out: Path) -> N
 
 def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str | Path, *, x: str | None = None,
            curve: str | None = None, name: str | None = None, ref: tuple[float, str] | None = None,
-           where: Sequence[str] = (), skipped: list[str] | None = None) -> dict[str, Path]:
+           where: Sequence[str] = (), skipped: list[str] | None = None, best: str | None = None,
+           goal: str | None = None) -> dict[str, Path]:
     """Write the table (and figures) for the runs under ``roots`` that pass the ``where`` filters
-    (:func:`select_runs`); returns ``{kind: path}``. Unreadable runs are skipped (:func:`find_runs`)."""
+    (:func:`select_runs`), keeping per group only the best value of ``best`` when given (:func:`best_of`);
+    returns ``{kind: path}``. Unreadable runs are skipped (:func:`find_runs`)."""
     runs = select_runs(find_runs(roots, skipped), where)
     if not any(metric in r.record["metrics"] for r in runs):
         known = sorted({m for r in runs for m in r.record["metrics"]})
         raise ReportError(f"--metric {metric!r} is in no run's metrics.json (they have: {', '.join(known)})")
     if x is not None and x not in by:
         by = [*by, x]
+    if best is not None:
+        if best in by:
+            raise ReportError(f"--best-of {best} is also in --by/--x: it is chosen per group, not grouped by")
+        runs = best_of(runs, by, best, metric, goal or default_goal(metric))
     if curve is not None:
         check_curve(runs, curve)  # before anything is written
-    groups = group_runs(runs, by)
+    groups = group_runs(runs, [*by, best] if best else by)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     explicit_name = name is not None
     name = name or metric.replace("/", "_")
     written = {"table": out / f"{name}.md"}
-    written["table"].write_text(markdown_table(groups, by, metric))
+    written["table"].write_text(markdown_table(groups, [*by, best] if best else by, metric, best))
     if x is not None:
         written["plot"] = out / f"{name}.png"
         plot_metric(runs, [k for k in by if k != x], metric, x, written["plot"], ref)
@@ -415,6 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ref", default=None, help="VALUE[:LABEL]: a dashed reference line for the metric, e.g. 1.88:nanoGPT")
     parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                         help="keep only runs whose config has VALUE at KEY (repeatable), e.g. dataset.vocab_size=20")
+    parser.add_argument("--best-of", default=None, metavar="KEY",
+                        help="per group, keep only the value of KEY with the best mean metric, e.g. optimizer.lr")
+    parser.add_argument("--goal", default=None, choices=["max", "min"],
+                        help="with --best-of: the best is the max (default) or min (default for losses)")
     parser.add_argument("--embed", default=None, metavar="FILE",
                         help="also write the table into FILE between '<!-- report:NAME -->' and '<!-- /report:NAME -->'")
     args = parser.parse_args(argv)
@@ -422,7 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped: list[str] = []
     try:
         written = report(args.dirs, by, args.metric, args.out, x=args.x, curve=args.curve, name=args.name,
-                         ref=parse_ref(args.ref), where=args.where, skipped=skipped)
+                         ref=parse_ref(args.ref), where=args.where, skipped=skipped, best=args.best_of,
+                         goal=args.goal)
         for reason in skipped:
             print(f"report: skipped {reason}", file=sys.stderr)
         if skipped:
