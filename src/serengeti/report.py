@@ -24,8 +24,8 @@ Writes into ``--out``:
 * ``CURVE_curves.png`` (with ``--curve CURVE``; ``NAME_curves.png`` when ``--name`` is given): that
   metric against the optimizer step from each run's CSV log (``csv/version_*/metrics.csv``; a run
   logged only to wandb has none: train with ``logger=[csv,wandb]``), mean over the group's runs, one
-  line per group. Legends name the keys (``optimizer.lr=5e-4``); an x axis of positive numbers
-  spanning 100x or more (a learning-rate sweep) is logarithmic.
+  line per group. Legends name the keys (``optimizer.lr=5e-4``), below the axes; an x axis of positive numbers
+  spanning 32x or more (a learning-rate sweep, sequence lengths) is logarithmic.
 
 ``--where KEY=VALUE`` (repeatable) keeps only the runs whose config has that value at ``KEY`` (compared
 as text, e.g. ``--where dataset.vocab_size=20``).
@@ -320,10 +320,10 @@ def _short(x: float) -> str:
 
 
 def log_scale(values: Sequence[Any]) -> bool:
-    """Whether an axis of these x values reads better logarithmic: positive numbers spanning 100x or more
-    (a learning-rate sweep)."""
+    """Whether an axis of these x values reads better logarithmic: positive numbers spanning 32x or more
+    (a learning-rate sweep, sequence lengths 64 to 4096)."""
     nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return len(nums) == len(values) > 1 and min(nums) > 0 and max(nums) / min(nums) >= 100
+    return len(nums) == len(values) > 1 and min(nums) > 0 and max(nums) / min(nums) >= 32
 
 
 def plot_metric(runs: Sequence[Run], rest: Sequence[str], metric: str, x: str, out: Path,
@@ -343,8 +343,9 @@ def plot_metric(runs: Sequence[Run], rest: Sequence[str], metric: str, x: str, o
                     label=f"{_label(rest, g.key)} (n={n})")
         if not numeric:
             ax.set_xticks(range(len(xs)), [show(x, v) for v in xs], rotation=25, ha="right", fontsize=8)
-    if log_scale([p.key[0] for p in group_runs(runs, [x])]):
-        ax.set_xscale("log")
+    xs_all = [p.key[0] for p in group_runs(runs, [x])]
+    if log_scale(xs_all):  # lengths and widths (integers) in powers of 2, learning rates in powers of 10
+        ax.set_xscale("log", base=2 if all(isinstance(v, int) for v in xs_all) else 10)
     ax.set_xlabel(x)
     _finish(fig, ax, metric, ref, out)
 
@@ -368,9 +369,8 @@ def _finish(fig, ax, metric: str, ref: tuple[float, str] | None, out: Path) -> N
         ax.axhline(ref[0], color="gray", linestyle="--", linewidth=1, label=ref[1])
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16))  # below the axes: never over a line
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
 
 
