@@ -2,7 +2,7 @@
 
 Most cases call the checks directly; a few run train.py / evaluate.py as a user would (each once in a new
 interpreter, the others in this process: ``entry_runs``) and check the exit status, that stderr is one line, and that no run
-dir is left behind. docs/reliability.md lists them all.
+dir is left behind. The cases are listed here (parametrised); docs/reliability.md gives one example per pattern.
 """
 from __future__ import annotations
 
