@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, compose_cfg, compose_eval_cfg
+from conftest import compose_cfg, compose_eval_cfg
+from entry_runs import run_subprocess
 from serengeti.errors import CheckpointError, EvalError
 from serengeti.evaluate.run import main as evaluate_main, run as evaluate
 from serengeti.training.run import run as train
@@ -183,10 +181,8 @@ def test_main_exits_with_the_message(tmp_path):
 
 @pytest.mark.slow  # a fresh interpreter importing torch: seconds alone, much longer on a loaded machine
 def test_cli_reports_bad_input(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HYDRA_FULL_ERROR="0")
-    res = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"ckpt={tmp_path / 'none.ckpt'}",
-                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=240)
+    res = run_subprocess("evaluate.py", [f"ckpt={tmp_path / 'none.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=tmp_path, timeout=240)
     assert res.returncode != 0 and "error: checkpoint not found" in res.stderr and "none.ckpt" in res.stderr
 
 

@@ -1,25 +1,18 @@
 """benchmarks/gpu_check.py: refuses in one line without CUDA; --dry-run lists every check anywhere."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from conftest import ROOT
-from entry_runs import run_in_process
+from entry_runs import run_in_process, run_subprocess
 
-SCRIPT = str(ROOT / "benchmarks" / "gpu_check.py")
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=120)
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: gpu_check runs instead of refusing")
 def test_refuses_in_one_line_without_cuda(tmp_path):
-    res = _run("--json", str(tmp_path / "out.json"))
+    res = run_subprocess("benchmarks/gpu_check.py", ["--json", str(tmp_path / "out.json")], timeout=120)
     assert res.returncode == 2
     assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert res.stderr.startswith("gpu_check: no CUDA GPU visible")

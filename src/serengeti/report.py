@@ -393,13 +393,14 @@ def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str
         runs = best_of(runs, by, best, metric, goal or default_goal(metric))
     if curve is not None:
         check_curve(runs, curve)  # before anything is written
-    groups = group_runs(runs, [*by, best] if best else by)
+    table_by = [*by, best] if best else list(by)  # the chosen value shows in its own column
+    groups = group_runs(runs, table_by)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     explicit_name = name is not None
     name = name or metric.replace("/", "_")
     written = {"table": out / f"{name}.md"}
-    written["table"].write_text(markdown_table(groups, [*by, best] if best else by, metric, best))
+    written["table"].write_text(markdown_table(groups, table_by, metric, best))
     if x is not None:
         written["plot"] = out / f"{name}.png"
         plot_metric(runs, [k for k in by if k != x], metric, x, written["plot"], ref)
