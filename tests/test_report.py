@@ -256,3 +256,23 @@ def test_best_of_keeps_the_best_lr_per_cell(tmp_path, capsys):
     assert main([str(tmp_path / "runs"), "--by", "optimizer.lr", "--best-of", "optimizer.lr", "--metric",
                  "test/accuracy", "--out", str(tmp_path / "o3")]) == 2
     assert "--best-of optimizer.lr is also in --by" in capsys.readouterr().err
+
+
+def test_choose_on_picks_the_lr_on_the_sweep_seed_and_keeps_every_seed(tmp_path, capsys):
+    """An lr sweep on seed 1, then seeds 2-3 at the chosen lr: the later seeds (here poor) must not move the
+    choice to the other lr, whose only run is seed 1; all three seeds of the chosen lr are reported."""
+    runs = [("Hyena", 1e-3, 1, 0.5), ("Hyena", 3e-3, 1, 0.6), ("Hyena", 3e-3, 2, 0.2), ("Hyena", 3e-3, 3, 0.1)]
+    for i, (mixer, lr, seed, a) in enumerate(runs):
+        _lr_run(tmp_path / "runs" / str(i), mixer, 32, lr, seed, {"test/accuracy": a})
+    by = ["model.mixer._target_", "model.d_model"]
+    pooled = report([tmp_path / "runs"], by, "test/accuracy", tmp_path / "o1", best="optimizer.lr")
+    assert "| Hyena | 32 | 0.001 | 0.5 | 1 |" in pooled["table"].read_text()  # mean 0.3 at 3e-3 loses to 0.5
+    chosen = report([tmp_path / "runs"], by, "test/accuracy", tmp_path / "o2", best="optimizer.lr",
+                    choose_on=["seed=1"])
+    assert "| Hyena | 32 | 0.003 | 0.3 ± 0.26 | 3 |" in chosen["table"].read_text()
+    assert main([str(tmp_path / "runs"), "--by", "model.d_model", "--choose-on", "seed=1", "--metric",
+                 "test/accuracy", "--out", str(tmp_path / "o3")]) == 2
+    assert "give --best-of too" in capsys.readouterr().err
+    assert main([str(tmp_path / "runs"), "--by", "model.d_model", "--best-of", "optimizer.lr", "--choose-on",
+                 "seed", "--metric", "test/accuracy", "--out", str(tmp_path / "o4")]) == 2
+    assert "--choose-on expects KEY=VALUE, got 'seed'" in capsys.readouterr().err

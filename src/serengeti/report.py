@@ -35,6 +35,8 @@ the ``--by`` (and ``--x``) keys, only the runs at the value of ``KEY`` with the 
 (``--goal max``, the default, or ``min``; the default is ``min`` for a metric named like a loss,
 perplexity or error). The table shows the chosen value in a ``KEY (best)`` column, and the plot has one
 line per group of the other keys. Ties go to the smaller value; a group whose runs all failed keeps them.
+``--choose-on seed=1`` chooses on the sweep's seed only and then keeps every seed at the chosen value (a
+sweep on seed 1, more seeds at the chosen lr: the extra seeds never change which lr is reported).
 
 ``--ref VALUE[:LABEL]`` draws an external number (e.g. ``1.88:nanoGPT``) as a dashed line on the
 metric's plots.
@@ -168,28 +170,44 @@ def find_runs(roots: Sequence[str | Path], skipped: list[str] | None = None) -> 
 
 def select_runs(runs: Sequence[Run], where: Sequence[str]) -> list[Run]:
     """The runs whose config value at each ``KEY`` of the ``KEY=VALUE`` filters ``where`` reads ``VALUE``."""
-    kept = list(runs)
-    for condition in where:
-        key, sep, value = condition.partition("=")
-        if not sep or not key:
-            raise ReportError(f"--where expects KEY=VALUE, got {condition!r}")
-        kept = [r for r in kept if str(r.value(key)) == value]
+    kept = [r for r in runs if matches(r, where, "--where")]
     if runs and not kept:
         raise ReportError(f"--where {' '.join(where)}: no run matches")
     return kept
 
 
-def best_of(runs: Sequence[Run], by: Sequence[str], key: str, metric: str, goal: str = "max") -> list[Run]:
+def matches(run: Run, conditions: Sequence[str], option: str) -> bool:
+    """Whether ``run``'s config reads ``VALUE`` at ``KEY`` for every ``KEY=VALUE`` of ``conditions``
+    (compared as text); ``option`` names the command-line option in the error for a malformed condition."""
+    for condition in conditions:
+        key, sep, value = condition.partition("=")
+        if not sep or not key:
+            raise ReportError(f"{option} expects KEY=VALUE, got {condition!r}")
+        if str(run.value(key)) != value:
+            return False
+    return True
+
+
+def best_of(runs: Sequence[Run], by: Sequence[str], key: str, metric: str, goal: str = "max",
+            choose_on: Sequence[str] = ()) -> list[Run]:
     """For each group of the ``by`` keys, the runs at the value of ``key`` whose mean ``metric`` over its
     completed runs is the best (``goal``: ``max`` or ``min``; ties go to the first value in sorted order).
-    A group in which no run has the metric (all failed) is kept whole, so that its failures are reported."""
+    With ``choose_on`` (``KEY=VALUE`` filters, e.g. ``seed=1``: the sweep's seed), the value is chosen on the
+    runs that match them only, and every run of the group at that value is kept (the other seeds included).
+    A group in which no run to choose on has the metric (all failed) is kept whole, so that its failures
+    are reported."""
     if goal not in ("max", "min"):
         raise ReportError(f"--goal expects max or min, got {goal!r}")
     pick = max if goal == "max" else min
     kept: list[Run] = []
     for group in group_runs(runs, by):
-        options = [o for o in group_runs(group.runs, [key]) if o.values(metric)]
-        kept += pick(options, key=lambda o: mean_std(o.values(metric))[0]).runs if options else group.runs
+        sweep = [r for r in group.runs if matches(r, choose_on, "--choose-on")]
+        options = [o for o in group_runs(sweep, [key]) if o.values(metric)]
+        if not options:
+            kept += group.runs
+            continue
+        chosen = pick(options, key=lambda o: mean_std(o.values(metric))[0]).key
+        kept += [r for r in group.runs if (r.value(key),) == chosen]
     return kept
 
 
@@ -377,9 +395,10 @@ def _finish(fig, ax, metric: str, ref: tuple[float, str] | None, out: Path) -> N
 def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str | Path, *, x: str | None = None,
            curve: str | None = None, name: str | None = None, ref: tuple[float, str] | None = None,
            where: Sequence[str] = (), skipped: list[str] | None = None, best: str | None = None,
-           goal: str | None = None) -> dict[str, Path]:
+           goal: str | None = None, choose_on: Sequence[str] = ()) -> dict[str, Path]:
     """Write the table (and figures) for the runs under ``roots`` that pass the ``where`` filters
-    (:func:`select_runs`), keeping per group only the best value of ``best`` when given (:func:`best_of`);
+    (:func:`select_runs`), keeping per group only the best value of ``best`` when given, chosen on the runs
+    that match ``choose_on`` (:func:`best_of`);
     returns ``{kind: path}``. Unreadable runs are skipped (:func:`find_runs`)."""
     runs = select_runs(find_runs(roots, skipped), where)
     if not any(metric in r.record["metrics"] for r in runs):
@@ -390,7 +409,9 @@ def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str
     if best is not None:
         if best in by:
             raise ReportError(f"--best-of {best} is also in --by/--x: it is chosen per group, not grouped by")
-        runs = best_of(runs, by, best, metric, goal or default_goal(metric))
+        runs = best_of(runs, by, best, metric, goal or default_goal(metric), choose_on)
+    elif choose_on:
+        raise ReportError("--choose-on chooses the value of --best-of KEY: give --best-of too")
     if curve is not None:
         check_curve(runs, curve)  # before anything is written
     table_by = [*by, best] if best else list(by)  # the chosen value shows in its own column
@@ -453,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="per group, keep only the value of KEY with the best mean metric, e.g. optimizer.lr")
     parser.add_argument("--goal", default=None, choices=["max", "min"],
                         help="with --best-of: the best is the max (default) or min (default for losses)")
+    parser.add_argument("--choose-on", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --best-of: choose on the runs with VALUE at KEY only (repeatable), e.g. seed=1 "
+                             "for an lr sweep on seed 1 followed by more seeds at the chosen lr")
     parser.add_argument("--embed", default=None, metavar="FILE",
                         help="also write the table into FILE between '<!-- report:NAME -->' and '<!-- /report:NAME -->'")
     args = parser.parse_args(argv)
@@ -461,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = report(args.dirs, by, args.metric, args.out, x=args.x, curve=args.curve, name=args.name,
                          ref=parse_ref(args.ref), where=args.where, skipped=skipped, best=args.best_of,
-                         goal=args.goal)
+                         goal=args.goal, choose_on=args.choose_on)
         for reason in skipped:
             print(f"report: skipped {reason}", file=sys.stderr)
         if skipped:
