@@ -276,3 +276,18 @@ def test_choose_on_picks_the_lr_on_the_sweep_seed_and_keeps_every_seed(tmp_path,
     assert main([str(tmp_path / "runs"), "--by", "model.d_model", "--best-of", "optimizer.lr", "--choose-on",
                  "seed", "--metric", "test/accuracy", "--out", str(tmp_path / "o4")]) == 2
     assert "--choose-on expects KEY=VALUE, got 'seed'" in capsys.readouterr().err
+
+
+def test_wide_table_has_one_column_per_x_value(fake_multirun, tmp_path, capsys):
+    """--wide: rows are the other --by keys, columns the --x values; a missing cell reads '–', n is per row."""
+    written = report([fake_multirun], ["model.mixer._target_"], "test/accuracy", tmp_path / "out",
+                     x="dataset.vocab_size", wide=True)
+    assert written["table"].read_text().splitlines() == [
+        "| model.mixer._target_ | dataset.vocab_size=10 | dataset.vocab_size=20 | n |",
+        "| --- | ---: | ---: | ---: |",
+        "| H3 | 0.625 ± 0.53 | – | 2 |",
+        "| Hyena | 0.7 ± 0.2 | 0.4 | 1–3 |"]
+    assert written["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(fake_multirun), "--by", "model.mixer._target_", "--wide", "--metric", "test/accuracy",
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "--wide needs --x" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Aggregate finished runs into a Markdown table and matplotlib figures.
 
     python -m serengeti.report RUN_OR_MULTIRUN_DIR... --by model.mixer._target_,dataset.vocab_size \\
-        --metric test/accuracy [--x dataset.vocab_size] [--best-of optimizer.lr] [--curve val/loss] \\
+        --metric test/accuracy [--x dataset.vocab_size [--wide]] [--best-of optimizer.lr] [--curve val/loss] \\
         [--ref 1.88:nanoGPT] --out DIR [--name NAME]
 
 Every directory below the given ones that holds a ``metrics.json`` (see :mod:`serengeti.io.run_record`)
@@ -18,7 +18,9 @@ dropped: the table gets a ``failed`` column, and each failed run is listed below
 
 Writes into ``--out``:
 
-* ``NAME.md``: the table;
+* ``NAME.md``: the table (with ``--wide``: one row per group of the other ``--by`` keys and one column per
+  value of ``--x``, each cell the metric's mean ± std, ``–`` where no run has the metric, and an ``n``
+  column: a length-extrapolation or state-size grid on one screen);
 * ``NAME.png`` (with ``--x KEY``): the metric's mean (± std bars) against ``KEY``, one line per
   group of the other ``--by`` keys;
 * ``CURVE_curves.png`` (with ``--curve CURVE``; ``NAME_curves.png`` when ``--name`` is given): that
@@ -264,11 +266,35 @@ def markdown_table(groups: Sequence[Group], by: Sequence[str], metric: str, best
                 _fmt(g.mean_of("cpu_s"), 4)]
         lines.append("| " + " | ".join(row) + " |")
     failed = [r for g in groups for r in g.failed]
-    if failed:
-        lines.append("")
-        lines += [f"- failed: {r.path} (after {r.record.get('steps')} steps): {r.record.get('reason') or 'no reason recorded'}"
-                  for r in failed]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + failed_lines(failed)) + "\n"
+
+
+def failed_lines(failed: Sequence[Run]) -> list[str]:
+    """The lines below a table for its failed runs: a blank line, then each run with its reason."""
+    return ["", *(f"- failed: {r.path} (after {r.record.get('steps')} steps): {r.record.get('reason') or 'no reason recorded'}"
+                  for r in failed)] if failed else []
+
+
+def wide_table(runs: Sequence[Run], rest: Sequence[str], x: str, metric: str) -> str:
+    """One row per group of the ``rest`` keys, one column per value of ``x`` (in order); each cell the
+    metric's mean ± std over that cell's completed runs, ``–`` where none has the metric; an ``n`` column
+    (the runs per cell: one number, or the range); failed runs listed below the table as in
+    :func:`markdown_table`."""
+    columns = [g.key[0] for g in group_runs(runs, [x])]
+    head = [*rest, *(f"{x}={show(x, c)}" for c in columns), "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(rest) + [" ---: "] * (len(columns) + 1)) + "|"]
+    failed: list[Run] = []
+    for row in group_runs(runs, rest):
+        cells = {c.key[0]: c for c in group_runs(row.runs, [x])}
+        counts = [len(cells[c].values(metric)) for c in columns if c in cells and cells[c].values(metric)]
+        texts = []
+        for c in columns:
+            mean, std = mean_std(cells[c].values(metric)) if c in cells else (math.nan, math.nan)
+            texts.append(_fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}")
+        n = "–" if not counts else str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
+        lines.append("| " + " | ".join([*(show(k, v) for k, v in zip(rest, row.key)), *texts, n]) + " |")
+        failed += [r for c in cells.values() for r in c.failed]
+    return "\n".join(lines + failed_lines(failed)) + "\n"
 
 
 def read_curve(run_dir: Path, metric: str) -> dict[int, float]:
@@ -395,15 +421,18 @@ def _finish(fig, ax, metric: str, ref: tuple[float, str] | None, out: Path) -> N
 def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str | Path, *, x: str | None = None,
            curve: str | None = None, name: str | None = None, ref: tuple[float, str] | None = None,
            where: Sequence[str] = (), skipped: list[str] | None = None, best: str | None = None,
-           goal: str | None = None, choose_on: Sequence[str] = ()) -> dict[str, Path]:
+           goal: str | None = None, choose_on: Sequence[str] = (), wide: bool = False) -> dict[str, Path]:
     """Write the table (and figures) for the runs under ``roots`` that pass the ``where`` filters
     (:func:`select_runs`), keeping per group only the best value of ``best`` when given, chosen on the runs
-    that match ``choose_on`` (:func:`best_of`);
+    that match ``choose_on`` (:func:`best_of`); ``wide`` writes the table with one column per value of ``x``
+    (:func:`wide_table`);
     returns ``{kind: path}``. Unreadable runs are skipped (:func:`find_runs`)."""
     runs = select_runs(find_runs(roots, skipped), where)
     if not any(metric in r.record["metrics"] for r in runs):
         known = sorted({m for r in runs for m in r.record["metrics"]})
         raise ReportError(f"--metric {metric!r} is in no run's metrics.json (they have: {', '.join(known)})")
+    if wide and (x is None or best is not None):
+        raise ReportError("--wide needs --x (its values become the columns) and no --best-of (one value per cell)")
     if x is not None and x not in by:
         by = [*by, x]
     if best is not None:
@@ -421,10 +450,11 @@ def report(roots: Sequence[str | Path], by: Sequence[str], metric: str, out: str
     explicit_name = name is not None
     name = name or metric.replace("/", "_")
     written = {"table": out / f"{name}.md"}
-    written["table"].write_text(markdown_table(groups, table_by, metric, best))
+    rest = [k for k in by if k != x]
+    written["table"].write_text(wide_table(runs, rest, x, metric) if wide else markdown_table(groups, table_by, metric, best))
     if x is not None:
         written["plot"] = out / f"{name}.png"
-        plot_metric(runs, [k for k in by if k != x], metric, x, written["plot"], ref)
+        plot_metric(runs, rest, metric, x, written["plot"], ref)
     if curve is not None:
         written["curves"] = out / f"{name if explicit_name else curve.replace('/', '_')}_curves.png"
         plot_curves(groups, by, curve, written["curves"], ref if curve == metric else None)
@@ -477,6 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--choose-on", action="append", default=[], metavar="KEY=VALUE",
                         help="with --best-of: choose on the runs with VALUE at KEY only (repeatable), e.g. seed=1 "
                              "for an lr sweep on seed 1 followed by more seeds at the chosen lr")
+    parser.add_argument("--wide", action="store_true",
+                        help="table with one column per value of --x (each cell: mean ± std) instead of one row per value")
     parser.add_argument("--embed", default=None, metavar="FILE",
                         help="also write the table into FILE between '<!-- report:NAME -->' and '<!-- /report:NAME -->'")
     args = parser.parse_args(argv)
@@ -485,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = report(args.dirs, by, args.metric, args.out, x=args.x, curve=args.curve, name=args.name,
                          ref=parse_ref(args.ref), where=args.where, skipped=skipped, best=args.best_of,
-                         goal=args.goal, choose_on=args.choose_on)
+                         goal=args.goal, choose_on=args.choose_on, wide=args.wide)
         for reason in skipped:
             print(f"report: skipped {reason}", file=sys.stderr)
         if skipped:
