@@ -283,7 +283,7 @@ def test_wide_table_has_one_column_per_x_value(fake_multirun, tmp_path, capsys):
     written = report([fake_multirun], ["model.mixer._target_"], "test/accuracy", tmp_path / "out",
                      x="dataset.vocab_size", wide=True)
     assert written["table"].read_text().splitlines() == [
-        "| model.mixer._target_ | dataset.vocab_size=10 | dataset.vocab_size=20 | n |",
+        "| model.mixer._target_ | dataset.vocab_size=10 | 20 | n |",
         "| --- | ---: | ---: | ---: |",
         "| H3 | 0.625 ± 0.53 | – | 2 |",
         "| Hyena | 0.7 ± 0.2 | 0.4 | 1–3 |"]

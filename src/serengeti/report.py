@@ -281,7 +281,7 @@ def wide_table(runs: Sequence[Run], rest: Sequence[str], x: str, metric: str) ->
     (the runs per cell: one number, or the range); failed runs listed below the table as in
     :func:`markdown_table`."""
     columns = [g.key[0] for g in group_runs(runs, [x])]
-    head = [*rest, *(f"{x}={show(x, c)}" for c in columns), "n"]
+    head = [*rest, *(f"{x}={show(x, c)}" if i == 0 else show(x, c) for i, c in enumerate(columns)), "n"]  # x=64 | 128 | …
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(rest) + [" ---: "] * (len(columns) + 1)) + "|"]
     failed: list[Run] = []
     for row in group_runs(runs, rest):
