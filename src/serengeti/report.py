@@ -257,16 +257,20 @@ def markdown_table(groups: Sequence[Group], by: Sequence[str], metric: str, best
     numeric = 6 + int(any_failed) + int(any_state)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([" --- "] * len(by) + [" ---: "] * numeric) + "|"]
     for g in groups:
-        mean, std = mean_std(g.values(metric))
-        cell = _fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
         row = [show(k, v) for k, v in zip(by, g.key)]
-        row += [cell, str(len(g.values(metric))), *([str(len(g.failed))] if any_failed else []),
+        row += [mean_std_cell(g.values(metric)), str(len(g.values(metric))), *([str(len(g.failed))] if any_failed else []),
                 _fmt(g.mean_of("steps"), 6), _fmt(g.mean_of("n_params"), 6),
                 *([_fmt(g.mean_of("state_size"), 6)] if any_state else []), _fmt(g.mean_of("wall_s"), 4),
                 _fmt(g.mean_of("cpu_s"), 4)]
         lines.append("| " + " | ".join(row) + " |")
     failed = [r for g in groups for r in g.failed]
     return "\n".join(lines + failed_lines(failed)) + "\n"
+
+
+def mean_std_cell(values: Sequence[float]) -> str:
+    """A table cell: ``mean ± std`` (std to 2 digits), the mean alone for one value, ``–`` for none."""
+    mean, std = mean_std(values)
+    return _fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}"
 
 
 def failed_lines(failed: Sequence[Run]) -> list[str]:
@@ -286,11 +290,9 @@ def wide_table(runs: Sequence[Run], rest: Sequence[str], x: str, metric: str) ->
     failed: list[Run] = []
     for row in group_runs(runs, rest):
         cells = {c.key[0]: c for c in group_runs(row.runs, [x])}
-        counts = [len(cells[c].values(metric)) for c in columns if c in cells and cells[c].values(metric)]
-        texts = []
-        for c in columns:
-            mean, std = mean_std(cells[c].values(metric)) if c in cells else (math.nan, math.nan)
-            texts.append(_fmt(mean) if math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std, 2)}")
+        values = [cells[c].values(metric) if c in cells else [] for c in columns]
+        texts = [mean_std_cell(v) for v in values]
+        counts = [len(v) for v in values if v]
         n = "–" if not counts else str(min(counts)) if min(counts) == max(counts) else f"{min(counts)}–{max(counts)}"
         lines.append("| " + " | ".join([*(show(k, v) for k, v in zip(rest, row.key)), *texts, n]) + " |")
         failed += [r for c in cells.values() for r in c.failed]
